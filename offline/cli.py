@@ -1,0 +1,80 @@
+"""aser-quantize: command line of the offline quantizer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from offline import __version__
+from offline.options import DTYPES, METHODS, OptionsError, QuantizeOptions
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = QuantizeOptions()
+    p = argparse.ArgumentParser(
+        prog="aser-quantize",
+        description="Quantize a Hugging Face causal LM with ASER (W4A8 + low-rank error reconstruction) "
+        "into a model directory that `vllm serve DIR --quantization aser` loads.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model_dir", help="source Hugging Face model directory (config.json, safetensors, tokenizer)")
+    p.add_argument("output_dir", help="where to write the ASER model (refused if it exists, see --overwrite)")
+    p.add_argument("--calib", required=True, help="calibration text: a .txt or .jsonl ('text' field) file, or a folder")
+    p.add_argument("--num-samples", type=int, default=defaults.num_samples, help="calibration windows")
+    p.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per calibration window")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="windows per forward pass")
+    p.add_argument("--method", choices=METHODS, default=defaults.method,
+                   help="aser: smoothing+extraction+whitened reconstruction; er: reconstruction only; "
+                   "smoothquant: smoothing, no low-rank; lorc: plain SVD of the weight error; rtn: plain W4A8")
+    p.add_argument("--w-bits", type=int, default=defaults.w_bits, choices=(4, 8), help="weight bits")
+    p.add_argument("--a-bits", type=int, default=defaults.a_bits, help="activation bits (per-token, symmetric)")
+    p.add_argument("--group-size", type=int, default=defaults.group_size,
+                   help="weight quantization group size; -1 = one scale per output channel")
+    rank = p.add_mutually_exclusive_group()
+    rank.add_argument("--rank", type=int, help="fixed rank of every low-rank branch (padded to a multiple of 8)")
+    rank.add_argument("--rank-energy", type=float,
+                      help="per layer, the smallest rank that removes this fraction of the whitened error energy")
+    rank.add_argument("--rank-budget", type=float, default=defaults.rank_budget,
+                      help="extra parameters in percent of the quantized weights, allocated across all layers "
+                      "where they remove the most output error (default rule)")
+    p.add_argument("--max-rank", type=int, default=defaults.max_rank, help="cap on any layer's rank")
+    p.add_argument("--alpha", type=float, default=defaults.alpha, help="smoothing migration strength")
+    p.add_argument("--outliers", type=int, default=defaults.outliers,
+                   help="aser: input channels smoothed and extracted into the low-rank branch per layer")
+    p.add_argument("--damp", type=float, default=defaults.damp, help="Gram damping, fraction of its mean diagonal")
+    p.add_argument("--no-propagate", dest="propagate_quantized", action="store_false",
+                   help="calibrate each block on full-precision inputs instead of the quantized blocks' outputs")
+    p.add_argument("--dtype", choices=DTYPES, default=defaults.dtype, help="dtype of unquantized tensors")
+    p.add_argument("--lowrank-dtype", choices=DTYPES, help="dtype of the low-rank factors (default: --dtype)")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="seed for the choice of calibration windows")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--version", action="version", version=f"aser-quantize {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    option_names = set(QuantizeOptions.__dataclass_fields__)
+    try:
+        opts = QuantizeOptions(**{k: v for k, v in vars(args).items() if k in option_names})
+    except OptionsError as exc:
+        print(f"aser-quantize: error: {exc}", file=sys.stderr)
+        return 2
+    from offline.pipeline import quantize_model
+
+    try:
+        summary = quantize_model(args.model_dir, args.output_dir, args.calib, opts, args.overwrite, not args.quiet)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"aser-quantize: error: {exc}", file=sys.stderr)
+        return 1
+    totals = summary.report["totals"]
+    print(json.dumps({"output_dir": str(summary.output_dir), **totals}, indent=2))
+    print(
+        f"wrote {summary.output_dir} in {summary.seconds:.1f} s, peak RSS {summary.peak_rss_mib:.0f} MiB; "
+        f"extra params {totals['extra_params_percent']:.2f}%, mean relative output error "
+        f"{totals['mean_rel_output_error_quantized']:.4f} -> {totals['mean_rel_output_error_reconstructed']:.4f}",
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,137 @@
+"""Quantize one group of linears that share an input (q/k/v, gate/up, or a lone linear).
+
+Siblings share one smoothing vector (vLLM fuses them and loads one per fused layer) and one outlier set;
+each keeps its own low-rank pair (see docs/DESIGN-CHOICES.md for the measured alternative, a joint SVD).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from offline.options import QuantizeOptions
+from offline.rank_allocation import energy_rank, pad_rank, provisional_budget_rank
+from offline.smoothing import outlier_channels, smoothing_scales
+from offline.weight_quant import quantization_error, quantize_rtn
+from offline.whitening import (
+    ActivationStats,
+    LowRankSpectrum,
+    damped_cholesky,
+    output_error_energy,
+    plain_svd,
+    whitened_svd,
+)
+
+
+@dataclass
+class QuantizedLinear:
+    name: str
+    q: torch.Tensor  # int8 [out, in]
+    scale: torch.Tensor  # float32 [out, n_groups]
+    smooth: torch.Tensor  # float32 [in]
+    bias: torch.Tensor | None
+    reference_energy: float  # ||W X||^2 on calibration data
+    # relative output error ||(E - up_r down_r) X|| / ||W X|| for r = 0 .. max_rank (weight path only)
+    error_curve: torch.Tensor
+    spectrum: LowRankSpectrum | None = None
+    rank: int = 0
+    outliers: list[int] = field(default_factory=list)
+
+    @property
+    def out_features(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.q.shape[1]
+
+    def lowrank(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self.rank or self.spectrum is None:
+            return None
+        return self.spectrum.factors(self.rank)
+
+    def relative_error(self, rank: int | None = None) -> float:
+        rank = self.rank if rank is None else rank
+        return float(self.error_curve[min(rank, self.error_curve.shape[0] - 1)])
+
+
+def error_curve(error: torch.Tensor, gram: torch.Tensor, spectrum: LowRankSpectrum | None, ref: float) -> torch.Tensor:
+    """Exact relative output error after removing the first r components, for every r at once.
+
+    ||(E - U_r D_r) X||^2 = e0 - 2 sum_{i<r} a_i + sum_{i,j<r} (U^T U)_ij (D G D^T)_ij with
+    a_i = u_i^T E G d_i: the whole curve costs two small matrix products, so the per-layer report never
+    needs E or G again (and the budget rule can change ranks after the fact).
+    """
+    e0 = output_error_energy(error, gram)
+    if spectrum is None:
+        return torch.tensor([e0 / max(ref, 1e-30)], dtype=torch.float64).sqrt()
+    up, down = spectrum.up.double(), spectrum.down.double()
+    dg = down @ gram
+    a = (up * (error @ dg.t())).sum(0)
+    h = (up.t() @ up) * (dg @ down.t())
+    quad = h.cumsum(0).cumsum(1).diagonal()
+    energy = torch.cat([torch.tensor([e0], dtype=torch.float64), e0 - 2 * a.cumsum(0) + quad])
+    return (energy.clamp(min=0) / max(ref, 1e-30)).sqrt()
+
+
+def _initial_rank(opts: QuantizeOptions, spectrum: LowRankSpectrum, out_f: int, in_f: int) -> int:
+    limit = min(out_f, in_f, spectrum.max_rank)
+    if opts.rank is not None:
+        return pad_rank(opts.rank, limit)
+    if opts.rank_energy is not None:
+        return pad_rank(energy_rank(spectrum.singular_values, opts.rank_energy), limit)
+    return pad_rank(provisional_budget_rank(opts.rank_budget or 0.0, out_f, in_f), limit)
+
+
+def quantize_group(
+    linears: dict[str, torch.nn.Linear], stats: ActivationStats, opts: QuantizeOptions
+) -> list[QuantizedLinear]:
+    """Smooth, extract, quantize and reconstruct every linear of one shared-input group."""
+    weights = {name: lin.weight.detach().float() for name, lin in linears.items()}
+    for name, w in weights.items():
+        if not torch.isfinite(w).all():
+            raise ValueError(f"weight of {name} contains NaN or inf: the source model is broken")
+    in_features = next(iter(weights.values())).shape[1]
+    weight_max = torch.stack([w.abs().amax(dim=0) for w in weights.values()]).amax(dim=0)
+
+    smooth = torch.ones(in_features)
+    outliers = torch.zeros(0, dtype=torch.long)
+    if opts.method == "smoothquant":
+        smooth = smoothing_scales(stats.act_max, weight_max, opts.alpha)
+    elif opts.method == "aser" and opts.outliers:
+        outliers = outlier_channels(stats.act_max, weight_max, opts.outliers)
+        smooth = smoothing_scales(stats.act_max, weight_max, opts.alpha, outliers)
+    gram = stats.smoothed_gram(smooth)
+    whitening = damped_cholesky(gram, opts.damp) if opts.method in ("aser", "er") else None
+
+    results = []
+    for name, w in weights.items():
+        w_smooth = w * smooth[None, :]
+        to_quantize = w_smooth.clone()
+        to_quantize[:, outliers] = 0.0  # extraction: outlier columns go to the low-rank branch
+        q, scale = quantize_rtn(to_quantize, opts.w_bits, opts.group_size)
+        error = quantization_error(w_smooth, q, scale, opts.group_size)
+        bias = linears[name].bias
+        result = QuantizedLinear(
+            name=name,
+            q=q,
+            scale=scale,
+            smooth=smooth,
+            bias=None if bias is None else bias.detach().clone(),
+            reference_energy=output_error_energy(w_smooth, gram),
+            error_curve=torch.empty(0),
+            outliers=outliers.tolist(),
+        )
+        max_rank = min(opts.max_rank, *w.shape)
+        if opts.rank is not None:
+            max_rank = min(max_rank, max(opts.rank, 1))
+        if opts.method in ("aser", "er"):
+            result.spectrum = whitened_svd(error, whitening, max_rank)
+        elif opts.method == "lorc":
+            result.spectrum = plain_svd(error, max_rank)
+        if result.spectrum is not None:
+            result.rank = _initial_rank(opts, result.spectrum, *w.shape)
+        result.error_curve = error_curve(error, gram, result.spectrum, result.reference_energy)
+        results.append(result)
+    return results

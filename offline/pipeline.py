@@ -1,0 +1,191 @@
+"""The ASER pipeline, block by block: capture -> statistics -> smooth/extract -> quantize -> reconstruct.
+
+Block k is calibrated on the outputs of blocks 0..k-1 as already quantized (simulated with the reference
+kernel), unless `propagate_quantized` is off. With the budget rank rule, blocks are simulated with the
+uniform rank that spends the same budget, and the final ranks are allocated globally once every layer's
+spectrum is known (one SVD per layer serves any budget; no second calibration pass).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from offline import __version__
+from offline.calibration import read_texts, token_windows
+from offline.export import atomic_output_dir, copy_side_files, quantized_tensors, write_config, write_shards
+from offline.layer_quant import QuantizedLinear, quantize_group
+from offline.model_structure import (
+    UnsupportedModelError,
+    capture_block_inputs,
+    find_decoder_stack,
+    run_block,
+    shared_input_groups,
+)
+from offline.options import QuantizeOptions
+from offline.rank_allocation import LayerSpectrum, allocate_budget
+from offline.report import build_report
+from offline.simulate import ReferenceASERLinear, set_submodule
+from offline.whitening import ActivationStats
+from vllm_aser import format as fmt
+from vllm_aser.kernels.reference import dequantize_weight
+
+
+@dataclass
+class QuantizeSummary:
+    output_dir: Path
+    report: dict
+    seconds: float
+    peak_rss_mib: float
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_source_model(model_dir: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} has no config.json: not a Hugging Face model directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    except (ValueError, KeyError, OSError) as exc:
+        raise UnsupportedModelError(f"transformers could not load {model_dir} as a causal LM: {exc}") from exc
+    return tokenizer, model.eval()
+
+
+def _simulated(result: QuantizedLinear, opts: QuantizeOptions) -> ReferenceASERLinear:
+    lowrank = result.lowrank()
+    up, down = lowrank if lowrank is not None else (None, None)
+    weight = dequantize_weight(result.q, result.scale, opts.group_size)
+    return ReferenceASERLinear(weight, 1.0 / result.smooth, down, up, result.bias, opts.a_bits)
+
+
+def quantize_block(block, block_prefix, inputs, opts) -> tuple[list[QuantizedLinear], list[torch.Tensor]]:
+    """Quantize one decoder block; return its results and the block's outputs (the next block's inputs)."""
+    groups = shared_input_groups(block, *inputs[0])
+    stats = {tuple(g): ActivationStats(block.get_submodule(g[0]).in_features) for g in groups}
+    handles = [
+        block.get_submodule(g[0]).register_forward_pre_hook(lambda _m, args, s=stats[tuple(g)]: s.update(args[0]))
+        for g in groups
+    ]
+    outputs = []
+    with torch.no_grad():
+        try:
+            for hidden, kwargs in inputs:
+                outputs.append(run_block(block, hidden, kwargs))
+        finally:
+            for handle in handles:
+                handle.remove()
+        results = []
+        for group in groups:
+            linears = {f"{block_prefix}.{n}": block.get_submodule(n) for n in group}
+            results.extend(quantize_group(linears, stats[tuple(group)], opts))
+        if opts.propagate_quantized:
+            for name, result in zip([n for g in groups for n in g], results):
+                set_submodule(block, name, _simulated(result, opts))
+            outputs = [run_block(block, hidden, kwargs) for hidden, kwargs in inputs]
+    return results, outputs
+
+
+def quantize_model(
+    model_dir: str | Path,
+    output_dir: str | Path,
+    calib: str | Path,
+    opts: QuantizeOptions,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> QuantizeSummary:
+    start = time.perf_counter()
+    model_dir, output_dir = Path(model_dir), Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"output directory {output_dir} exists: pass --overwrite to replace it")
+    if output_dir.resolve() == model_dir.resolve():
+        raise ValueError("the output directory must differ from the source model directory")
+    torch.manual_seed(opts.seed)
+    texts = read_texts(calib)
+    tokenizer, model = load_source_model(model_dir)
+    samples = token_windows(texts, tokenizer, opts.num_samples, opts.seq_len, opts.seed)
+    stack = find_decoder_stack(model)
+    batches = list(samples.split(opts.batch_size))
+    inputs = capture_block_inputs(model, stack, batches)
+
+    results: list[QuantizedLinear] = []
+    bar = tqdm(stack.layers, desc="quantizing blocks", unit="block", disable=not progress)
+    for index, block in enumerate(bar):
+        block_results, outputs = quantize_block(block, f"{stack.prefix}.{index}", inputs, opts)
+        results.extend(block_results)
+        inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs)]
+        bar.set_postfix(rss=f"{peak_rss_mib():.0f}MiB")
+    del inputs
+
+    if opts.rank_budget is not None:
+        spectra = [
+            LayerSpectrum(r.name, r.out_features, r.in_features, r.spectrum.singular_values, r.reference_energy,
+                          r.spectrum.max_rank)
+            for r in results
+            if r.spectrum is not None
+        ]
+        ranks = allocate_budget(spectra, opts.rank_budget)
+        for r in results:
+            r.rank = ranks.get(r.name, 0)
+
+    cfg = fmt.ASERQuantConfig(
+        weight_bits=opts.w_bits,
+        weight_group_size=opts.group_size,
+        activation_bits=opts.a_bits,
+        lowrank_dtype=opts.lowrank_dtype,
+        ignore=["lm_head"],
+        ranks={r.name: r.rank for r in results},
+        method=opts.method,
+        calibration={
+            "source": str(calib),
+            "num_samples": opts.num_samples,
+            "seq_len": opts.seq_len,
+            "seed": opts.seed,
+        },
+    )
+    dtype = getattr(torch, opts.dtype)
+    quantized_names = {r.name for r in results}
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        module = name.rsplit(".", 1)[0]
+        if module in quantized_names:
+            continue
+        if name == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False):
+            continue
+        tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    for result in results:
+        tensors.update(quantized_tensors(result, cfg, dtype))
+
+    provenance = {
+        "tool": "aser-quantize",
+        "tool_version": __version__,
+        "source_model": str(model_dir),
+        "calibration": cfg.calibration,
+        "options": opts.to_dict(),
+        "rank_rule": opts.rank_rule,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    report = build_report(results, provenance)
+    seconds = time.perf_counter() - start
+    report["totals"]["quantize_seconds"] = round(seconds, 2)
+    report["totals"]["peak_rss_mib"] = round(peak_rss_mib(), 1)
+
+    with atomic_output_dir(output_dir, overwrite) as tmp:
+        write_shards(tensors, tmp)
+        copy_side_files(model_dir, tmp)
+        (tmp / fmt.REPORT_FILENAME).write_text(json.dumps(report, indent=2) + "\n")
+        write_config(model_dir, tmp, cfg, opts.dtype)
+        fmt.validate_checkpoint(tmp, cfg)
+    return QuantizeSummary(output_dir, report, time.perf_counter() - start, peak_rss_mib())

@@ -1,0 +1,39 @@
+"""The per-layer report (aser_report.json): what each layer cost and how much error it kept."""
+
+from __future__ import annotations
+
+from offline.layer_quant import QuantizedLinear
+
+
+def layer_entry(result: QuantizedLinear) -> dict:
+    out_f, in_f = result.out_features, result.in_features
+    return {
+        "name": result.name,
+        "shape": [out_f, in_f],
+        "rank": result.rank,
+        "outlier_channels": result.outliers,
+        "rel_output_error_quantized": round(result.relative_error(0), 6),
+        "rel_output_error_reconstructed": round(result.relative_error(), 6),
+        "extra_params": result.rank * (out_f + in_f),
+        "extra_params_percent": round(100 * result.rank * (out_f + in_f) / (out_f * in_f), 4),
+    }
+
+
+def build_report(results: list[QuantizedLinear], provenance: dict) -> dict:
+    layers = [layer_entry(r) for r in results]
+    weight_params = sum(r.out_features * r.in_features for r in results)
+    extra = sum(entry["extra_params"] for entry in layers)
+    mean = lambda key: sum(e[key] for e in layers) / max(len(layers), 1)  # noqa: E731
+    return {
+        "totals": {
+            "quantized_layers": len(layers),
+            "weight_params": weight_params,
+            "extra_params": extra,
+            "extra_params_percent": round(100 * extra / max(weight_params, 1), 4),
+            "mean_rank": round(sum(e["rank"] for e in layers) / max(len(layers), 1), 2),
+            "mean_rel_output_error_quantized": round(mean("rel_output_error_quantized"), 6),
+            "mean_rel_output_error_reconstructed": round(mean("rel_output_error_reconstructed"), 6),
+        },
+        "provenance": provenance,
+        "layers": layers,
+    }

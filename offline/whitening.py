@@ -1,0 +1,87 @@
+"""Calibration statistics and the whitening SVD of the quantization error (ASER's error reconstruction).
+
+With G = X X^T = S S^T, ||E X||_F = ||E S||_F, so the SVD of E S gives the rank-r compensator that is optimal
+for the *output* error on calibration data, not for the weight error (plain SVD, LoRC).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class ActivationStats:
+    """Streams a linear's inputs: Gram matrix in float64 and per-channel max |x|."""
+
+    def __init__(self, in_features: int):
+        self.gram = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.act_max = torch.zeros(in_features, dtype=torch.float32)
+        self.tokens = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x2 = x.reshape(-1, x.shape[-1]).detach()
+        self.act_max = torch.maximum(self.act_max, x2.abs().amax(dim=0).float())
+        xd = x2.double()
+        self.gram += xd.t() @ xd
+        self.tokens += x2.shape[0]
+
+    def smoothed_gram(self, smooth: torch.Tensor) -> torch.Tensor:
+        """Gram matrix of x / smooth."""
+        inv = 1.0 / smooth.double()
+        return self.gram * inv[:, None] * inv[None, :]
+
+
+def damped_cholesky(gram: torch.Tensor, damp: float) -> torch.Tensor:
+    """Lower-triangular S with S S^T = G + lambda * mean(diag(G)) * I.
+
+    A singular Gram matrix (dead channels, fewer tokens than channels) is not fatal: damping grows tenfold
+    until the factorization succeeds.
+    """
+    diag_mean = gram.diagonal().mean().clamp(min=1e-12)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    lam = damp
+    for _ in range(12):
+        factor, info = torch.linalg.cholesky_ex(gram + lam * diag_mean * eye)
+        if int(info) == 0:
+            return factor
+        lam = max(lam * 10, 1e-8)
+    raise RuntimeError("Gram matrix could not be factorized even with heavy damping (NaN in activations?)")
+
+
+@dataclass
+class LowRankSpectrum:
+    """Rank-ordered factors of an error matrix: error ~= up[:, :r] @ down[:r] for any r <= max_rank."""
+
+    up: torch.Tensor  # [out, max_rank] = U Sigma
+    down: torch.Tensor  # [max_rank, in]
+    singular_values: torch.Tensor  # all of them (their squares are the removable output-error energy)
+
+    @property
+    def max_rank(self) -> int:
+        return self.up.shape[1]
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.up[:, :rank].contiguous(), self.down[:rank].contiguous()
+
+
+def whitened_svd(error: torch.Tensor, whitening: torch.Tensor, max_rank: int) -> LowRankSpectrum:
+    """SVD of E S; up = U_r Sigma_r, down = V_r^T S^-1."""
+    u, s, vh = torch.linalg.svd(error.double() @ whitening, full_matrices=False)
+    k = min(max_rank, s.shape[0])
+    # down = V_k^T S^-1  <=>  S^T down^T = V_k
+    down = torch.linalg.solve_triangular(whitening.t(), vh[:k].t(), upper=True).t()
+    return LowRankSpectrum(up=(u[:, :k] * s[:k]).float(), down=down.float(), singular_values=s.float())
+
+
+def plain_svd(error: torch.Tensor, max_rank: int) -> LowRankSpectrum:
+    """LoRC-style SVD of the weight error itself (ignores which inputs matter)."""
+    u, s, vh = torch.linalg.svd(error.double(), full_matrices=False)
+    k = min(max_rank, s.shape[0])
+    return LowRankSpectrum(up=(u[:, :k] * s[:k]).float(), down=vh[:k].float(), singular_values=s.float())
+
+
+def output_error_energy(error: torch.Tensor, gram: torch.Tensor) -> float:
+    """||E X||_F^2 = tr(E G E^T), exact from the Gram matrix."""
+    e = error.double()
+    return float(((e @ gram) * e).sum())

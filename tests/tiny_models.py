@@ -1,0 +1,87 @@
+"""Tiny Llama and Qwen2 models built locally (random weights, a BPE tokenizer trained here)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+WORDS = (
+    "the of and to in is was for on that with as by at from his her an were are which this be has had "
+    "river city music history king war people time year world water light north south old new small great "
+    "church school family house garden market road bridge island mountain forest village station train "
+    "paper letter story song dance night morning winter summer spring autumn red blue green black white"
+).split()
+
+
+def english_like_text(n_words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    sentences, words = [], 0
+    while words < n_words:
+        length = rng.randint(6, 18)
+        sentence = " ".join(rng.choice(WORDS) for _ in range(length))
+        sentences.append(sentence.capitalize() + rng.choice([".", ".", ".", "?", "!"]))
+        words += length
+    return " ".join(sentences)
+
+
+def train_tokenizer(directory: Path, vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([english_like_text(20000, seed=1)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+    )
+    fast.save_pretrained(directory)
+    return fast
+
+
+def build_tiny_model(directory: Path, family: str = "llama", seed: int = 0, hidden: int = 128) -> Path:
+    """A random-weight causal LM of the given family with a locally trained tokenizer, in float32."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(directory)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2 + 40,  # not a multiple of 128 on purpose
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        raise ValueError(family)
+    with torch.no_grad():  # a few large input channels, like real LLM activations
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[:3] = 8.0
+            layer.post_attention_layernorm.weight[5:7] = 6.0
+    model.save_pretrained(directory)
+    return directory
+
+
+def write_calibration_text(path: Path, n_words: int = 30000, seed: int = 7) -> Path:
+    path.write_text(english_like_text(n_words, seed))
+    return path

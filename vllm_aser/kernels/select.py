@@ -1,0 +1,102 @@
+"""Kernel choice, made once per process from the platform (override: VLLM_ASER_KERNEL=reference|cpu)."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import nn
+
+from vllm_aser.kernels.reference import dequantize_weight
+
+ENV_VAR = "VLLM_ASER_KERNEL"
+
+
+def _keep(layer: nn.Module, name: str, tensor: torch.Tensor | None) -> None:
+    layer.register_parameter(name, None if tensor is None else nn.Parameter(tensor, requires_grad=False))
+
+
+class ReferenceKernel:
+    name = "reference"
+    description = "plain torch: dequantized weight, fake-quantized activations, float32 math (the oracle; slow)"
+
+    def prepare(self, layer, q, scale, inv_smooth, down, up, group_size: int) -> None:
+        _keep(layer, "aser_weight", dequantize_weight(q, scale, group_size))
+        _keep(layer, "aser_inv_smooth", inv_smooth.float())
+        _keep(layer, "aser_down", None if down is None else down.float())
+        _keep(layer, "aser_up", None if up is None else up.float())
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.ops.vllm_aser.reference_linear(
+            x, layer.aser_weight, layer.aser_inv_smooth, layer.aser_down, layer.aser_up, bias, layer.aser_act_bits
+        )
+
+
+class CPUKernel:
+    name = "cpu"
+    description = "int4 unpacked to int8 at load, dynamic per-token int8 + oneDNN int8 GEMM, low-rank branch"
+
+    def prepare(self, layer, q, scale, inv_smooth, down, up, group_size: int) -> None:
+        from vllm import _custom_ops as ops
+
+        if group_size == -1:
+            weight, channel_scale = q, scale.float()
+        else:  # oneDNN takes per-channel scales only: requantize the group-dequantized weight to int8
+            dequant = dequantize_weight(q, scale, group_size)
+            channel_scale = (dequant.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
+            weight = torch.round(dequant / channel_scale).clamp(-127, 127).to(torch.int8)
+        act_dtype = layer.aser_act_dtype
+        # the oneDNN handler keeps a pointer to the scales (not a copy): they must live as long as the layer
+        _keep(layer, "aser_weight_scale", channel_scale.reshape(-1, 1).contiguous())
+        layer.aser_dnnl = ops.create_onednn_scaled_mm(weight.t(), layer.aser_weight_scale, act_dtype, True, False, 32)
+        _keep(layer, "aser_dnnl_handle", layer.aser_dnnl.handler_tensor)
+        is_identity = bool(torch.all(inv_smooth == 1))
+        _keep(layer, "aser_inv_smooth", None if is_identity else inv_smooth.to(act_dtype))
+        _keep(layer, "aser_down", None if down is None else down.to(act_dtype).contiguous())
+        _keep(layer, "aser_up", None if up is None else up.to(act_dtype).contiguous())
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.ops.vllm_aser.cpu_linear(
+            x,
+            layer.aser_dnnl_handle,
+            layer.aser_inv_smooth,
+            layer.aser_down,
+            layer.aser_up,
+            bias,
+            layer.aser_out_features,
+            layer.aser_act_bits,
+        )
+
+
+KERNELS = {k.name: k for k in (ReferenceKernel, CPUKernel)}
+
+
+def _cpu_kernel_available() -> bool:
+    return hasattr(torch.ops._C, "onednn_scaled_mm") and hasattr(torch.ops._C, "create_onednn_scaled_mm_handler")
+
+
+@functools.cache
+def select_kernel():
+    """The kernel for this process; logged once."""
+    from vllm.logger import init_logger
+    from vllm.platforms import current_platform
+
+    import vllm_aser.kernels.torch_ops  # noqa: F401  (registers the custom ops)
+
+    logger = init_logger("vllm.aser")
+    wanted = os.environ.get(ENV_VAR, "auto").strip().lower()
+    if wanted not in ("auto", *KERNELS):
+        raise ValueError(f"{ENV_VAR}={wanted!r}: choose one of auto, {', '.join(KERNELS)}")
+    if wanted == "auto":
+        if current_platform.is_cpu() and _cpu_kernel_available():
+            wanted = "cpu"
+        else:
+            wanted = "reference"
+            logger.warning("ASER: no fast kernel for platform %s yet; using the slow reference kernel",
+                           current_platform.device_name)
+    if wanted == "cpu" and not (current_platform.is_cpu() and _cpu_kernel_available()):
+        raise ValueError(f"{ENV_VAR}=cpu needs vLLM's CPU build (oneDNN ops); this platform has none")
+    kernel = KERNELS[wanted]()
+    logger.info("ASER kernel: %s (%s); set %s to override", kernel.name, kernel.description, ENV_VAR)
+    return kernel

@@ -1,0 +1,125 @@
+"""ASERLinearMethod: declares the artifact's tensors as TP-aware vLLM parameters and runs the chosen kernel."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
+from vllm.model_executor.parameter import (
+    BasevLLMParameter,
+    ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
+    PackedvLLMParameter,
+    RowvLLMParameter,
+)
+
+from vllm_aser import format as fmt
+from vllm_aser.kernels.reference import unpack_int
+from vllm_aser.kernels.select import select_kernel
+from vllm_aser.parameters import LowRankDownParameter, LowRankUpParameter
+
+
+@register_weight_loader_v2_supported_method
+class ASERLinearMethod(LinearMethodBase):
+    def __init__(self, spec: fmt.ASERQuantConfig, ranks: list[int], prefix: str):
+        self.spec = spec
+        self.ranks = ranks  # one per fused sub-layer
+        self.prefix = prefix
+        self.kernel = select_kernel()
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        spec, loader = self.spec, extra_weight_attrs["weight_loader"]
+        in_part, out_total = input_size_per_partition, sum(output_partition_sizes)
+        if len(self.ranks) != len(output_partition_sizes):
+            raise fmt.FormatError(
+                f"{self.prefix}: {len(output_partition_sizes)} fused sub-layers but {len(self.ranks)} ranks"
+            )
+        sharded_input = in_part != input_size
+        if sharded_input and in_part % spec.pack_factor:
+            raise ValueError(
+                f"{self.prefix}: {in_part} input features per tensor-parallel rank is not a multiple of "
+                f"{spec.pack_factor} (int{spec.weight_bits} packing): use a smaller --tensor-parallel-size"
+            )
+        group = spec.weight_group_size
+        if sharded_input and group != -1 and in_part % group:
+            raise ValueError(
+                f"{self.prefix}: {in_part} input features per rank is not a multiple of the group size {group}: "
+                "use a smaller --tensor-parallel-size"
+            )
+        layer.register_parameter(
+            fmt.WEIGHT_PACKED,
+            PackedvLLMParameter(
+                data=torch.empty(out_total, math.ceil(in_part / spec.pack_factor), dtype=torch.int32),
+                input_dim=1,
+                output_dim=0,
+                packed_dim=1,
+                packed_factor=spec.pack_factor,
+                weight_loader=loader,
+            ),
+        )
+        if group == -1:
+            scale = ChannelQuantScaleParameter(
+                data=torch.empty(out_total, 1, dtype=torch.float32), output_dim=0, weight_loader=loader
+            )
+        else:
+            scale = GroupQuantScaleParameter(
+                data=torch.empty(out_total, spec.num_groups(in_part), dtype=torch.float32),
+                output_dim=0,
+                input_dim=1,
+                weight_loader=loader,
+            )
+        layer.register_parameter(fmt.WEIGHT_SCALE, scale)
+        layer.register_parameter(
+            fmt.WEIGHT_SHAPE, BasevLLMParameter(data=torch.empty(2, dtype=torch.int64), weight_loader=loader)
+        )
+        layer.register_parameter(
+            fmt.SMOOTH,
+            RowvLLMParameter(data=torch.ones(in_part, dtype=torch.float32), input_dim=0, weight_loader=loader),
+        )
+        total_rank = sum(self.ranks)
+        if total_rank:
+            lowrank_dtype = getattr(torch, spec.lowrank_dtype)
+            layer.register_parameter(
+                fmt.LOWRANK_DOWN,
+                LowRankDownParameter(
+                    ranks=self.ranks, data=torch.zeros(total_rank, in_part, dtype=lowrank_dtype), weight_loader=loader
+                ),
+            )
+            layer.register_parameter(
+                fmt.LOWRANK_UP,
+                LowRankUpParameter(
+                    ranks=self.ranks, data=torch.zeros(out_total, total_rank, dtype=lowrank_dtype), weight_loader=loader
+                ),
+            )
+        layer.logical_widths = output_partition_sizes
+        layer.aser_in_features = in_part
+        layer.aser_out_features = out_total
+        layer.aser_act_bits = spec.activation_bits
+        layer.aser_act_dtype = params_dtype
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        spec = self.spec
+        q = unpack_int(layer.weight_packed.data, spec.weight_bits, layer.aser_in_features)
+        scale = layer.weight_scale.data
+        inv_smooth = 1.0 / layer.smooth_scale.data
+        down = getattr(layer, fmt.LOWRANK_DOWN, None)
+        up = getattr(layer, fmt.LOWRANK_UP, None)
+        down = None if down is None else down.data
+        up = None if up is None else up.data
+        self.kernel.prepare(layer, q, scale, inv_smooth, down, up, spec.weight_group_size)
+        for name in fmt.ALL_SUFFIXES:
+            if hasattr(layer, name):
+                delattr(layer, name)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.kernel.apply(layer, x, bias)
