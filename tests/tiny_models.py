@@ -58,7 +58,7 @@ def build_tiny_model(directory: Path, family: str = "llama", seed: int = 0, hidd
     common = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
-        intermediate_size=hidden * 2 + 40,  # not a multiple of 128 on purpose
+        intermediate_size=hidden * 2 + 48,  # not a multiple of 16 per TP=2 shard, nor of 128
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny Llama/Qwen2 models built locally and their ASER artifacts (built once per session)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import build_tiny_model, write_calibration_text  # noqa: E402
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_VLLM:
+        return
+    skip = pytest.mark.skip(reason="vLLM (CPU build) not installed: run scripts/setup_cpu_env.sh")
+    for item in items:
+        if "vllm" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("aser")
+
+
+@pytest.fixture(scope="session")
+def calib_text(workdir) -> Path:
+    return write_calibration_text(workdir / "calib.txt")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(workdir) -> Path:
+    return build_tiny_model(workdir / "llama", "llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(workdir) -> Path:
+    return build_tiny_model(workdir / "qwen2", "qwen2", seed=1)
+
+
+def quantize(model: Path, out: Path, calib: Path, **options) -> Path:
+    from offline.options import QuantizeOptions
+    from offline.pipeline import quantize_model
+
+    opts = QuantizeOptions(num_samples=8, seq_len=128, batch_size=4, **options)
+    quantize_model(model, out, calib, opts, overwrite=True, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama_aser_fp32(workdir, tiny_llama, calib_text) -> Path:
+    """Budget rule: siblings get different ranks (some 0), which exercises the fused rank slots."""
+    return quantize(tiny_llama, workdir / "llama-aser-fp32", calib_text, rank_budget=8.0, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def llama_aser_bf16(workdir, tiny_llama, calib_text) -> Path:
+    return quantize(tiny_llama, workdir / "llama-aser-bf16", calib_text, rank_budget=8.0, dtype="bfloat16")
+
+
+@pytest.fixture(scope="session")
+def qwen2_aser_fp32(workdir, tiny_qwen2, calib_text) -> Path:
+    """Fixed rank and group-wise scales; Qwen2 has q/k/v biases."""
+    return quantize(tiny_qwen2, workdir / "qwen2-aser-fp32", calib_text, rank=8, group_size=64, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def cpu_env() -> dict[str, str]:
+    """Environment for child processes running vLLM's CPU build."""
+    venv = Path(sys.executable).parent.parent
+    env = dict(os.environ)
+    iomp = venv / "lib" / "libiomp5.so"
+    if iomp.exists() and str(iomp) not in env.get("LD_PRELOAD", ""):
+        env["LD_PRELOAD"] = f"{iomp}:{env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else str(iomp)
+    env.update(
+        VLLM_CPU_KVCACHE_SPACE="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        VLLM_NO_USAGE_STATS="1",
+        VLLM_CPU_OMP_THREADS_BIND=env.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return env
