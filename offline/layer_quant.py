@@ -39,6 +39,12 @@ class QuantizedLinear:
     outliers: list[int] = field(default_factory=list)
 
     @property
+    def min_rank(self) -> int:
+        """Extracted outlier columns are carried by the low-rank branch alone: keep room for them."""
+        limit = self.spectrum.max_rank if self.spectrum is not None else 0
+        return pad_rank(len(self.outliers), limit)
+
+    @property
     def out_features(self) -> int:
         return self.q.shape[0]
 
@@ -125,13 +131,13 @@ def quantize_group(
         )
         max_rank = min(opts.max_rank, *w.shape)
         if opts.rank is not None:
-            max_rank = min(max_rank, max(opts.rank, 1))
+            max_rank = min(max_rank, max(opts.rank, pad_rank(len(outliers), max_rank), 1))
         if opts.method in ("aser", "er"):
             result.spectrum = whitened_svd(error, whitening, max_rank)
         elif opts.method == "lorc":
             result.spectrum = plain_svd(error, max_rank)
         if result.spectrum is not None:
-            result.rank = _initial_rank(opts, result.spectrum, *w.shape)
+            result.rank = max(_initial_rank(opts, result.spectrum, *w.shape), result.min_rank)
         result.error_curve = error_curve(error, gram, result.spectrum, result.reference_energy)
         results.append(result)
     return results

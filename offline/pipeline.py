@@ -131,7 +131,7 @@ def quantize_model(
     if opts.rank_budget is not None:
         spectra = [
             LayerSpectrum(r.name, r.out_features, r.in_features, r.spectrum.singular_values, r.reference_energy,
-                          r.spectrum.max_rank)
+                          r.spectrum.max_rank, r.min_rank)
             for r in results
             if r.spectrum is not None
         ]

@@ -39,26 +39,27 @@ class LayerSpectrum:
     singular_values: torch.Tensor  # of the whitened error, descending
     reference_energy: float  # ||W X||^2 of the layer: makes errors of different layers comparable
     max_rank: int
+    min_rank: int = 0  # e.g. room for extracted outlier columns, which only the low-rank branch carries
 
 
 def allocate_budget(layers: list[LayerSpectrum], budget_percent: float) -> dict[str, int]:
     """Spend `budget_percent` extra parameters (of all quantized weights) where they remove the most error.
 
-    Units of 8 components are ranked by relative output error removed per parameter; within a layer the
+    Each layer first gets its `min_rank` (even past the budget). Then units of 8 components are ranked by relative output error removed per parameter; within a layer the
     units come in descending order, so greedy selection yields prefixes (valid ranks) automatically.
     """
     total_params = sum(layer.out_features * layer.in_features for layer in layers)
     budget = budget_percent / 100 * total_params
+    ranks = {layer.name: layer.min_rank for layer in layers}
+    spent = float(sum(layer.min_rank * (layer.out_features + layer.in_features) for layer in layers))
     units: list[tuple[float, int, str]] = []
     for layer in layers:
         energy = layer.singular_values.double().pow(2)[: layer.max_rank]
         cost = RANK_MULTIPLE * (layer.out_features + layer.in_features)
-        for start in range(0, layer.max_rank - RANK_MULTIPLE + 1, RANK_MULTIPLE):
+        for start in range(layer.min_rank, layer.max_rank - RANK_MULTIPLE + 1, RANK_MULTIPLE):
             gain = float(energy[start : start + RANK_MULTIPLE].sum()) / max(layer.reference_energy, 1e-30)
             units.append((gain / cost, cost, layer.name))
     units.sort(key=lambda u: -u[0])
-    ranks = {layer.name: 0 for layer in layers}
-    spent = 0.0
     for _, cost, name in units:
         if spent + cost > budget:
             continue

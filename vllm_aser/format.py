@@ -156,9 +156,9 @@ def read_quant_config(model_dir: str | Path) -> ASERQuantConfig:
     return ASERQuantConfig.from_dict(raw["quantization_config"])
 
 
-def read_tensor_headers(model_dir: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Name -> (safetensors dtype, shape) for every tensor of the directory, from the headers only."""
-    headers: dict[str, tuple[str, tuple[int, ...]]] = {}
+def read_tensor_headers(model_dir: str | Path) -> dict[str, tuple[str, tuple[int, ...], Path]]:
+    """Name -> (safetensors dtype, shape, file) for every tensor of the directory, from the headers only."""
+    headers: dict[str, tuple[str, tuple[int, ...], Path]] = {}
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FormatError(f"{model_dir} has no *.safetensors files")
@@ -168,7 +168,7 @@ def read_tensor_headers(model_dir: str | Path) -> dict[str, tuple[str, tuple[int
             header = json.loads(fh.read(size))
         for name, info in header.items():
             if name != "__metadata__":
-                headers[name] = (info["dtype"], tuple(info["shape"]))
+                headers[name] = (info["dtype"], tuple(info["shape"]), file)
     return headers
 
 
@@ -176,31 +176,36 @@ _EXPECTED_DTYPES = {WEIGHT_PACKED: ("I32",), WEIGHT_SCALE: ("F32",), WEIGHT_SHAP
 _LOWRANK_ST_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 
 
-def validate_checkpoint(model_dir: str | Path, cfg: ASERQuantConfig | None = None) -> None:
-    """Check every quantized module's tensors (presence, shape, dtype) from safetensors headers.
+def _declared_shape(model_dir, headers, module: str) -> tuple[int, int]:
+    from safetensors import safe_open
 
-    Cheap (no tensor data is read), so the plugin runs it before vLLM allocates anything and a broken
-    artifact fails with the tensor's name instead of a bare shape assertion deep in the loader.
+    name = tensor_name(module, WEIGHT_SHAPE)
+    if name not in headers:
+        raise FormatError(f"{model_dir}: tensor {name!r} is missing")
+    dtype, shape, file = headers[name]
+    if dtype != "I64" or shape != (2,):
+        raise FormatError(f"{model_dir}: tensor {name!r} must be int64 [2], found {dtype} {list(shape)}")
+    with safe_open(file, framework="pt") as fh:
+        out_features, in_features = (int(v) for v in fh.get_tensor(name).tolist())
+    return out_features, in_features
+
+
+def validate_checkpoint(model_dir: str | Path, cfg: ASERQuantConfig | None = None) -> None:
+    """Check every quantized module's tensors (presence, shape, dtype) against its declared weight_shape.
+
+    Cheap (headers plus one int64[2] per module), so the plugin runs it before vLLM allocates anything and a
+    broken artifact fails with the tensor's name instead of a bare shape assertion deep in the loader.
     """
     cfg = cfg or read_quant_config(model_dir)
     headers = read_tensor_headers(model_dir)
     lowrank_st = _LOWRANK_ST_DTYPES[cfg.lowrank_dtype]
     for module, rank in cfg.ranks.items():
-        packed = headers.get(tensor_name(module, WEIGHT_PACKED))
-        scale = headers.get(tensor_name(module, WEIGHT_SCALE))
-        smooth = headers.get(tensor_name(module, SMOOTH))
-        for suffix, found in ((WEIGHT_PACKED, packed), (WEIGHT_SCALE, scale), (SMOOTH, smooth)):
-            if found is None:
-                raise FormatError(f"{model_dir}: tensor {tensor_name(module, suffix)!r} is missing")
-        if tensor_name(module, WEIGHT_SHAPE) not in headers:
-            raise FormatError(f"{model_dir}: tensor {tensor_name(module, WEIGHT_SHAPE)!r} is missing")
-        out_features, in_features = packed[1][0], smooth[1][0]
-        want = expected_shapes(cfg, out_features, in_features, rank)
-        for suffix, shape in want.items():
+        out_features, in_features = _declared_shape(model_dir, headers, module)
+        for suffix, shape in expected_shapes(cfg, out_features, in_features, rank).items():
             name = tensor_name(module, suffix)
             if name not in headers:
                 raise FormatError(f"{model_dir}: tensor {name!r} is missing (rank {rank} in quantization_config)")
-            dtype, got = headers[name]
+            dtype, got, _ = headers[name]
             if got != shape:
                 raise FormatError(f"{model_dir}: tensor {name!r} has shape {list(got)}, expected {list(shape)}")
             allowed = _EXPECTED_DTYPES.get(suffix, (lowrank_st,))

@@ -8,6 +8,7 @@ import os
 import torch
 from torch import nn
 
+import vllm_aser.kernels.torch_ops  # noqa: F401  (registers the custom ops the kernels call)
 from vllm_aser.kernels.reference import dequantize_weight
 
 ENV_VAR = "VLLM_ASER_KERNEL"
@@ -81,8 +82,6 @@ def select_kernel():
     """The kernel for this process; logged once."""
     from vllm.logger import init_logger
     from vllm.platforms import current_platform
-
-    import vllm_aser.kernels.torch_ops  # noqa: F401  (registers the custom ops)
 
     logger = init_logger("vllm.aser")
     wanted = os.environ.get(ENV_VAR, "auto").strip().lower()

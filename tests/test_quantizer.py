@@ -1,0 +1,168 @@
+"""aser-quantize end to end on tiny Llama / Qwen2 models built locally."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import quantize
+
+from offline import pipeline
+from offline.calibration import CalibrationError
+from offline.cli import main as cli_main
+from offline.model_structure import UnsupportedModelError
+from offline.options import OptionsError, QuantizeOptions
+from offline.simulate import load_reference_model
+from vllm_aser import format as fmt
+
+
+def logits_error(model_dir, fp_dir, calib_text) -> float:
+    """Relative error of the simulated quantized model's logits against full precision, on calibration text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(fp_dir)
+    ids = tok(calib_text.read_text()[:3000], return_tensors="pt").input_ids[:, :256]
+    fp = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32)
+    quant = load_reference_model(model_dir)
+    with torch.no_grad():
+        a, b = fp(ids).logits, quant(ids).logits
+    return float((a - b).norm() / a.norm())
+
+
+def test_artifact_layout_and_report(llama_aser_fp32):
+    files = {p.name for p in llama_aser_fp32.iterdir()}
+    assert {"config.json", "model.safetensors", "aser_report.json", "tokenizer.json"} <= files
+    assert not any(name.startswith(".") for name in files)
+    cfg = fmt.read_quant_config(llama_aser_fp32)
+    assert cfg.method == "aser" and cfg.weight_bits == 4 and cfg.activation_bits == 8
+    assert len(cfg.ranks) == 2 * 7  # 2 blocks x q,k,v,o,gate,up,down
+    assert all(r % 8 == 0 for r in cfg.ranks.values())
+    report = json.loads((llama_aser_fp32 / fmt.REPORT_FILENAME).read_text())
+    totals = report["totals"]
+    assert 0 < totals["extra_params_percent"] <= 15.0
+    assert report["provenance"]["calibration"]["num_samples"] == 8
+    layer = report["layers"][0]
+    assert {"rank", "outlier_channels", "rel_output_error_quantized", "rel_output_error_reconstructed"} <= set(layer)
+    for entry in report["layers"]:
+        assert entry["rel_output_error_reconstructed"] <= entry["rel_output_error_quantized"] + 1e-9
+
+
+def test_fused_siblings_share_one_smoothing_vector(llama_aser_fp32):
+    from safetensors.torch import load_file
+
+    tensors = load_file(llama_aser_fp32 / "model.safetensors")
+    smooth = [tensors[f"model.layers.0.self_attn.{p}_proj.smooth_scale"] for p in "qkv"]
+    assert torch.equal(smooth[0], smooth[1]) and torch.equal(smooth[0], smooth[2])
+    assert not torch.all(smooth[0] == 1)  # outlier channels were smoothed
+
+
+def test_aser_beats_rtn(tiny_llama, calib_text, llama_aser_fp32, workdir):
+    rtn = quantize(tiny_llama, workdir / "llama-rtn", calib_text, method="rtn", dtype="float32")
+    assert fmt.read_quant_config(rtn).ranks == dict.fromkeys(fmt.read_quant_config(rtn).ranks, 0)
+    rtn_report = json.loads((rtn / fmt.REPORT_FILENAME).read_text())["totals"]
+    aser_report = json.loads((llama_aser_fp32 / fmt.REPORT_FILENAME).read_text())["totals"]
+    assert aser_report["mean_rel_output_error_reconstructed"] < 0.8 * rtn_report["mean_rel_output_error_quantized"]
+    assert logits_error(llama_aser_fp32, tiny_llama, calib_text) < logits_error(rtn, tiny_llama, calib_text)
+
+
+def test_qwen2_group_scales(qwen2_aser_fp32):
+    cfg = fmt.read_quant_config(qwen2_aser_fp32)
+    assert cfg.weight_group_size == 64 and set(cfg.ranks.values()) == {8}
+    model = load_reference_model(qwen2_aser_fp32)
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+
+
+@pytest.mark.parametrize("method", ["er", "lorc", "smoothquant"])
+def test_ablation_methods_write_valid_artifacts(method, tiny_llama, calib_text, workdir):
+    out = quantize(tiny_llama, workdir / f"llama-{method}", calib_text, method=method, rank=8, dtype="float32")
+    cfg = fmt.read_quant_config(out)
+    assert cfg.method == method
+    assert set(cfg.ranks.values()) == ({0} if method == "smoothquant" else {8})
+    load_reference_model(out)
+
+
+def test_existing_output_is_refused(tiny_llama, calib_text, llama_aser_fp32):
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        pipeline.quantize_model(tiny_llama, llama_aser_fp32, calib_text, QuantizeOptions(num_samples=2, seq_len=64))
+
+
+def test_interrupted_run_leaves_nothing(tiny_llama, calib_text, tmp_path, monkeypatch):
+    def crash(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "write_config", crash)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(tiny_llama, tmp_path / "out", calib_text)
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a partial folder
+
+
+def test_calibration_errors(tiny_llama, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    with pytest.raises(CalibrationError, match="empty"):
+        quantize(tiny_llama, tmp_path / "a", empty)
+    short = tmp_path / "short.txt"
+    short.write_text("The river city. " * 20)
+    with pytest.raises(CalibrationError, match="lower --num-samples"):
+        quantize(tiny_llama, tmp_path / "b", short)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"txt": 1}\n')
+    with pytest.raises(CalibrationError, match="bad.jsonl:2"):
+        quantize(tiny_llama, tmp_path / "c", bad)
+
+
+def test_nan_weights_are_refused(tiny_llama, calib_text, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan-model"
+    shutil.copytree(tiny_llama, broken)
+    tensors = load_file(broken / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj contains NaN"):
+        quantize(broken, tmp_path / "out", calib_text)
+
+
+def test_unsupported_model(tmp_path, calib_text):
+    from tiny_models import train_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = train_tokenizer(tmp_path / "gpt2")
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(UnsupportedModelError, match="no stack of decoder blocks"):
+        quantize(tmp_path / "gpt2", tmp_path / "out", calib_text)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"method": "gptq"}, "--method"),
+        ({"rank": 8, "rank_energy": 0.5}, "at most one"),
+        ({"group_size": 100}, "--group-size"),
+        ({"a_bits": 1}, "--a-bits"),
+        ({"rank_energy": 1.5}, "--rank-energy"),
+    ],
+)
+def test_bad_options(kwargs, message):
+    with pytest.raises(OptionsError, match=message):
+        QuantizeOptions(**kwargs)
+
+
+def test_cli(tiny_llama, calib_text, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([str(tiny_llama), str(tmp_path / "o"), "--calib", str(calib_text), "--method", "gptq"])
+    assert exit_info.value.code == 2
+    assert cli_main([str(tiny_llama), str(tmp_path / "o"), "--calib", str(tmp_path / "nope.txt")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    code = cli_main([str(tiny_llama), str(tmp_path / "o"), "--calib", str(calib_text), "--num-samples", "4",
+                     "--seq-len", "64", "--rank", "8", "--quiet", "--dtype", "float32"])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["quantized_layers"] == 14
+    help_text = subprocess.run([sys.executable, "-m", "offline", "--help"], capture_output=True, text=True).stdout
+    for option in ("--calib", "--rank-budget", "--rank-energy", "--method", "--group-size", "--no-propagate"):
+        assert option in help_text
