@@ -24,7 +24,7 @@ class QuantizeOptions:
     rank_budget: float | None = 3.0
     max_rank: int = 256
     alpha: float = 0.5
-    outliers: int = 8
+    outliers: int = 4
     damp: float = 0.01
     propagate_quantized: bool = True
     dtype: str = "bfloat16"

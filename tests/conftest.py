@@ -56,7 +56,7 @@ def quantize(model: Path, out: Path, calib: Path, **options) -> Path:
 
 @pytest.fixture(scope="session")
 def llama_aser_fp32(workdir, tiny_llama, calib_text) -> Path:
-    """Budget rule: siblings get different ranks (some 0), which exercises the fused rank slots."""
+    """Budget rule: fused siblings get different ranks, which exercises the rank slots of fused layers."""
     return quantize(tiny_llama, workdir / "llama-aser-fp32", calib_text, rank_budget=15.0, dtype="float32")
 
 
