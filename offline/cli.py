@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damp", type=float, default=defaults.damp, help="Gram damping, fraction of its mean diagonal")
     p.add_argument("--no-propagate", dest="propagate_quantized", action="store_false",
                    help="calibrate each block on full-precision inputs instead of the quantized blocks' outputs")
+    p.add_argument("--no-joint-lowrank", dest="joint_lowrank", action="store_false",
+                   help="one low-rank pair per projection instead of one shared down-projection per fused group "
+                   "(q/k/v, gate/up) from a joint SVD")
     p.add_argument("--dtype", choices=DTYPES, default=defaults.dtype, help="dtype of unquantized tensors")
     p.add_argument("--lowrank-dtype", choices=DTYPES, help="dtype of the low-rank factors (default: --dtype)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed for the choice of calibration windows")

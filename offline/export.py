@@ -65,7 +65,7 @@ def quantized_tensors(result: QuantizedLinear, cfg: fmt.ASERQuantConfig, dtype: 
     lowrank = result.lowrank()
     if lowrank is not None:
         up, down = lowrank
-        tensors[fmt.tensor_name(name, fmt.LOWRANK_DOWN)] = down.to(lowrank_dtype).contiguous()
+        tensors[fmt.tensor_name(name, fmt.LOWRANK_DOWN)] = down.to(lowrank_dtype).clone()  # may be shared
         tensors[fmt.tensor_name(name, fmt.LOWRANK_UP)] = up.to(lowrank_dtype).contiguous()
     if result.bias is not None:
         tensors[f"{name}.bias"] = result.bias.to(dtype).contiguous()

@@ -27,6 +27,7 @@ class QuantizeOptions:
     outliers: int = 4
     damp: float = 0.01
     propagate_quantized: bool = True
+    joint_lowrank: bool = True
     dtype: str = "bfloat16"
     lowrank_dtype: str | None = None
     num_samples: int = 64

@@ -97,6 +97,33 @@ def quantize_block(block, block_prefix, inputs, opts) -> tuple[list[QuantizedLin
     return results, outputs
 
 
+def allocate_ranks(results: list[QuantizedLinear], budget_percent: float) -> None:
+    """Global budget over low-rank units (a fused group with a shared down-projection, or one layer)."""
+    units: dict[str, list[QuantizedLinear]] = {}
+    for r in results:
+        if r.spectrum is not None:
+            units.setdefault(r.lowrank_unit, []).append(r)
+    spectra = [
+        LayerSpectrum(
+            name,
+            sum(m.out_features for m in members),
+            members[0].in_features,
+            members[0].spectrum.singular_values,
+            sum(m.reference_energy for m in members),
+            members[0].spectrum.max_rank,
+            members[0].min_rank,
+        )
+        for name, members in units.items()
+    ]
+    # the budget is a share of all quantized weights, including layers without a low-rank branch
+    weight_params = sum(r.out_features * r.in_features for r in results)
+    unit_params = sum(s.out_features * s.in_features for s in spectra)
+    ranks = allocate_budget(spectra, budget_percent * weight_params / max(unit_params, 1))
+    for name, members in units.items():
+        for m in members:
+            m.rank = ranks[name]
+
+
 def quantize_model(
     model_dir: str | Path,
     output_dir: str | Path,
@@ -129,21 +156,14 @@ def quantize_model(
     del inputs
 
     if opts.rank_budget is not None:
-        spectra = [
-            LayerSpectrum(r.name, r.out_features, r.in_features, r.spectrum.singular_values, r.reference_energy,
-                          r.spectrum.max_rank, r.min_rank)
-            for r in results
-            if r.spectrum is not None
-        ]
-        ranks = allocate_budget(spectra, opts.rank_budget)
-        for r in results:
-            r.rank = ranks.get(r.name, 0)
+        allocate_ranks(results, opts.rank_budget)
 
     cfg = fmt.ASERQuantConfig(
         weight_bits=opts.w_bits,
         weight_group_size=opts.group_size,
         activation_bits=opts.a_bits,
         lowrank_dtype=opts.lowrank_dtype,
+        lowrank_shared=opts.joint_lowrank,
         ignore=["lm_head"],
         ranks={r.name: r.rank for r in results},
         method=opts.method,

@@ -14,15 +14,16 @@ def layer_entry(result: QuantizedLinear) -> dict:
         "outlier_channels": result.outliers,
         "rel_output_error_quantized": round(result.relative_error(0), 6),
         "rel_output_error_reconstructed": round(result.relative_error(), 6),
-        "extra_params": result.rank * (out_f + in_f),
-        "extra_params_percent": round(100 * result.rank * (out_f + in_f) / (out_f * in_f), 4),
+        "shares_lowrank_down_with": result.shares - 1,
+        "extra_params": round(result.extra_params, 1),
+        "extra_params_percent": round(100 * result.extra_params / (out_f * in_f), 4),
     }
 
 
 def build_report(results: list[QuantizedLinear], provenance: dict) -> dict:
     layers = [layer_entry(r) for r in results]
     weight_params = sum(r.out_features * r.in_features for r in results)
-    extra = sum(entry["extra_params"] for entry in layers)
+    extra = round(sum(r.extra_params for r in results))
     mean = lambda key: sum(e[key] for e in layers) / max(len(layers), 1)  # noqa: E731
     return {
         "totals": {

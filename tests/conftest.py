@@ -56,8 +56,15 @@ def quantize(model: Path, out: Path, calib: Path, **options) -> Path:
 
 @pytest.fixture(scope="session")
 def llama_aser_fp32(workdir, tiny_llama, calib_text) -> Path:
-    """Budget rule: fused siblings get different ranks, which exercises the rank slots of fused layers."""
+    """Default options (shared low-rank down-projection per fused group) with a larger budget."""
     return quantize(tiny_llama, workdir / "llama-aser-fp32", calib_text, rank_budget=15.0, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def llama_aser_fp32_separate(workdir, tiny_llama, calib_text) -> Path:
+    """One low-rank pair per projection (different ranks within a fused layer): the rank-slot loading path."""
+    return quantize(tiny_llama, workdir / "llama-aser-fp32-sep", calib_text, rank_budget=15.0, dtype="float32",
+                    joint_lowrank=False)
 
 
 @pytest.fixture(scope="session")

@@ -59,6 +59,21 @@ def test_fused_siblings_share_one_smoothing_vector(llama_aser_fp32):
     assert not torch.all(smooth[0] == 1)  # outlier channels were smoothed
 
 
+def test_joint_lowrank_shares_the_down_projection(llama_aser_fp32, llama_aser_fp32_separate):
+    from safetensors.torch import load_file
+
+    tensors = load_file(llama_aser_fp32 / "model.safetensors")
+    downs = [tensors[f"model.layers.0.self_attn.{p}_proj.lowrank_down"] for p in "qkv"]
+    assert torch.equal(downs[0], downs[1]) and torch.equal(downs[0], downs[2])
+    cfg = fmt.read_quant_config(llama_aser_fp32)
+    assert cfg.lowrank_shared
+    assert len({cfg.ranks[f"model.layers.0.self_attn.{p}_proj"] for p in "qkv"}) == 1
+    separate = fmt.read_quant_config(llama_aser_fp32_separate)
+    assert not separate.lowrank_shared
+    ranks = [separate.ranks[f"model.layers.{i}.{n}"] for i in (0, 1) for n in ("self_attn.q_proj", "self_attn.k_proj")]
+    assert len(set(ranks)) > 1  # the budget gives siblings different ranks
+
+
 def test_aser_beats_rtn(tiny_llama, calib_text, llama_aser_fp32, workdir):
     rtn = quantize(tiny_llama, workdir / "llama-rtn", calib_text, method="rtn", dtype="float32")
     assert fmt.read_quant_config(rtn).ranks == dict.fromkeys(fmt.read_quant_config(rtn).ranks, 0)

@@ -44,16 +44,28 @@ def reference_logprobs(model_dir: Path, prompt_ids: list[int], ids: list[int]) -
     return greedy, chosen
 
 
-# Per-channel int4 is exact in the int8 GEMM (same integers, same scales): float32 rounding only.
-# Group scales are requantized to per-channel int8 at load (oneDNN takes per-channel scales only): each weight
-# moves by at most half an int8 step (0.4% of the channel's max), hence the looser bound.
-@pytest.mark.parametrize("artifact,tolerance", [("llama_aser_fp32", 2e-3), ("qwen2_aser_fp32", 2e-2)])
-def test_fp32_tokens_and_logprobs_match_reference(artifact, tolerance, request, cpu_env):
+# Per-channel int4 is exact in the int8 GEMM (same integers, same scales): float32 rounding only, so the cpu
+# kernel must give the reference's tokens. Group scales are requantized to per-channel int8 at load (oneDNN takes
+# per-channel scales only): each weight moves by up to half an int8 step, which can flip a near-tie between the
+# top two tokens of a random tiny model (seen: a 3e-4 logit gap). For that artifact, token identity is checked
+# with the reference kernel inside vLLM (loading: Qwen2, biases, group scales) and the cpu kernel's logprobs of
+# its own tokens are checked by teacher forcing.
+@pytest.mark.parametrize(
+    "artifact,kernel,exact_tokens,tolerance",
+    [
+        ("llama_aser_fp32", "cpu", True, 2e-3),
+        ("llama_aser_fp32_separate", "cpu", True, 2e-3),
+        ("qwen2_aser_fp32", "reference", True, 2e-4),
+        ("qwen2_aser_fp32", "cpu", False, 2e-2),
+    ],
+)
+def test_fp32_tokens_and_logprobs_match_reference(artifact, kernel, exact_tokens, tolerance, request, cpu_env):
     model_dir = request.getfixturevalue(artifact)
-    results = run_vllm(cpu_env, model=str(model_dir), dtype="float32")
+    results = run_vllm(dict(cpu_env, VLLM_ASER_KERNEL=kernel), model=str(model_dir), dtype="float32")
     for result in results:
         greedy, ref_logprobs = reference_logprobs(model_dir, result["prompt_ids"], result["ids"])
-        assert result["ids"] == greedy
+        if exact_tokens:
+            assert result["ids"] == greedy
         assert max(abs(a - b) for a, b in zip(result["logprobs"], ref_logprobs)) < tolerance
 
 
@@ -68,11 +80,24 @@ def test_bf16_logprobs_close_to_reference(llama_aser_bf16, cpu_env):
 
 
 def test_tensor_parallel_2_matches_tp1(llama_aser_fp32, cpu_env):
-    """Same tokens. Logprobs differ slightly by design: a row-parallel layer (o_proj, down_proj) quantizes each
-    rank's half of the activation with its own per-token scale (finer than TP=1's, and no extra all-reduce)."""
+    """Row-parallel layers (o_proj, down_proj) quantize each rank's slice of the activation with its own
+    per-token scale, as vLLM's in-tree int8 methods do: finer than TP=1's single scale and no extra collective.
+    So TP=2 is a (slightly more accurate) different rounding of the same model, not bit-identical: its logprobs
+    must stay within 2e-2 nats of TP=1's, and its tokens must be TP=1's except where TP=1 itself had a near-tie
+    (top two within that tolerance), after which the continuations are no longer comparable."""
     env = dict(cpu_env, VLLM_CPU_OMP_THREADS_BIND="0|1")
+    tolerance = 2e-2
     tp1 = run_vllm(cpu_env, model=str(llama_aser_fp32), dtype="float32")
     tp2 = run_vllm(env, model=str(llama_aser_fp32), dtype="float32", tp=2)
+    compared = 0
     for a, b in zip(tp1, tp2):
-        assert a["ids"] == b["ids"]
-        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 2e-2
+        assert a["prompt_ids"] == b["prompt_ids"]
+        agree = next((i for i, (x, y) in enumerate(zip(a["ids"], b["ids"])) if x != y), len(a["ids"]))
+        if agree < len(a["ids"]):
+            assert a["margins"][agree] < 2 * tolerance, (
+                f"TP=2 chose {b['ids'][agree]} over {a['ids'][agree]} at step {agree} "
+                f"where TP=1's margin was {a['margins'][agree]:.4f}")
+        compared += agree
+        assert max((abs(x - y) for x, y in zip(a["logprobs"][:agree], b["logprobs"][:agree])),
+                   default=0.0) < tolerance
+    assert compared >= len(tp1) * MAX_TOKENS // 2, "too few comparable steps for the check to mean anything"

@@ -23,13 +23,18 @@ def main() -> None:
         seed=0,
         distributed_executor_backend="mp" if args.get("tp", 1) > 1 else None,
     )
-    params = SamplingParams(max_tokens=args["max_tokens"], temperature=0, logprobs=0)
+    params = SamplingParams(max_tokens=args["max_tokens"], temperature=0, logprobs=2)
     outputs = llm.generate(args["prompts"], params)
     results = []
     for out in outputs:
         completion = out.outputs[0]
-        logprobs = [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)]
-        results.append({"prompt_ids": out.prompt_token_ids, "ids": list(completion.token_ids), "logprobs": logprobs})
+        steps = list(zip(completion.logprobs, completion.token_ids))
+        logprobs = [step[token].logprob for step, token in steps]
+        # Gap between the chosen token and the best other one: how close a step was to a tie.
+        margins = [step[token].logprob - max((v.logprob for k, v in step.items() if k != token), default=-1e9)
+                   for step, token in steps]
+        results.append({"prompt_ids": out.prompt_token_ids, "ids": list(completion.token_ids),
+                        "logprobs": logprobs, "margins": margins})
     print("RESULT " + json.dumps(results), flush=True)
 
 

@@ -47,6 +47,9 @@ class ASERQuantConfig:
     activation_granularity: str = "per_token"
     activation_symmetric: bool = True
     lowrank_dtype: str = "float16"
+    # True: layers that vLLM fuses (q/k/v, gate/up) share one low-rank down-projection, stored identically under
+    # each of them, and have equal ranks; False: one independent pair per layer
+    lowrank_shared: bool = False
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
     # rank of the low-rank branch per quantized module (Hugging Face module name); 0 = no branch
     ranks: dict[str, int] = field(default_factory=dict)

@@ -86,26 +86,41 @@ class ASERLinearMethod(LinearMethodBase):
             fmt.SMOOTH,
             RowvLLMParameter(data=torch.ones(in_part, dtype=torch.float32), input_dim=0, weight_loader=loader),
         )
-        total_rank = sum(self.ranks)
-        if total_rank:
-            lowrank_dtype = getattr(torch, spec.lowrank_dtype)
-            layer.register_parameter(
-                fmt.LOWRANK_DOWN,
-                LowRankDownParameter(
-                    ranks=self.ranks, data=torch.zeros(total_rank, in_part, dtype=lowrank_dtype), weight_loader=loader
-                ),
-            )
-            layer.register_parameter(
-                fmt.LOWRANK_UP,
-                LowRankUpParameter(
-                    ranks=self.ranks, data=torch.zeros(out_total, total_rank, dtype=lowrank_dtype), weight_loader=loader
-                ),
-            )
+        self._create_lowrank(layer, in_part, out_total, loader)
         layer.logical_widths = output_partition_sizes
         layer.aser_in_features = in_part
         layer.aser_out_features = out_total
         layer.aser_act_bits = spec.activation_bits
         layer.aser_act_dtype = params_dtype
+
+    def _create_lowrank(self, layer: torch.nn.Module, in_part: int, out_total: int, loader) -> None:
+        """Shared: one down-projection for all fused sub-layers (each writes the same copy, like the smoothing
+        vector) and a plain column-sharded up-projection. Separate: one rank slot per sub-layer and a
+        block-diagonal up-projection."""
+        lowrank_dtype = getattr(torch, self.spec.lowrank_dtype)
+        if self.spec.lowrank_shared:
+            if len(set(self.ranks)) != 1:
+                raise fmt.FormatError(
+                    f"{self.prefix}: quantization_config.lowrank_shared is true but the fused sub-layers have "
+                    f"different ranks {self.ranks}"
+                )
+            rank = self.ranks[0]
+            if not rank:
+                return
+            down = RowvLLMParameter(data=torch.zeros(rank, in_part, dtype=lowrank_dtype), input_dim=1,
+                                    weight_loader=loader)
+            up = ChannelQuantScaleParameter(data=torch.zeros(out_total, rank, dtype=lowrank_dtype), output_dim=0,
+                                            weight_loader=loader)
+        else:
+            total_rank = sum(self.ranks)
+            if not total_rank:
+                return
+            down = LowRankDownParameter(ranks=self.ranks, data=torch.zeros(total_rank, in_part, dtype=lowrank_dtype),
+                                        weight_loader=loader)
+            up = LowRankUpParameter(ranks=self.ranks, data=torch.zeros(out_total, total_rank, dtype=lowrank_dtype),
+                                    weight_loader=loader)
+        layer.register_parameter(fmt.LOWRANK_DOWN, down)
+        layer.register_parameter(fmt.LOWRANK_UP, up)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         spec = self.spec
