@@ -149,6 +149,15 @@ def expected_shapes(cfg: ASERQuantConfig, out_features: int, in_features: int, r
     return shapes
 
 
+def is_aser_model(model_dir: str | Path) -> bool:
+    """Whether config.json declares this method (its settings are checked by read_quant_config)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FormatError(f"{path} does not exist: not a model directory")
+    quant = json.loads(path.read_text()).get("quantization_config") or {}
+    return quant.get("quant_method") == QUANT_METHOD
+
+
 def read_quant_config(model_dir: str | Path) -> ASERQuantConfig:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
