@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples.prepare_assets import main as prepare  # noqa: E402
 from offline.calibration import read_texts, token_windows  # noqa: E402
-from offline.model_structure import capture_block_inputs, find_decoder_stack, run_block, shared_input_groups  # noqa: E402
-from offline.pipeline import load_source_model  # noqa: E402
+from offline.model_structure import capture_block_inputs, run_block, shared_input_groups  # noqa: E402
+from offline.source_model import open_source_model  # noqa: E402
 from offline.weight_quant import quantization_error, quantize_rtn  # noqa: E402
 from offline.whitening import ActivationStats, damped_cholesky, output_error_energy, whitened_svd  # noqa: E402
 
@@ -38,14 +38,15 @@ def main() -> int:
     with contextlib.redirect_stdout(io.StringIO()) as out:
         prepare([])
     paths = json.loads(out.getvalue())
-    tokenizer, model = load_source_model(Path(paths["model"]))
+    tokenizer, source = open_source_model(Path(paths["model"]))
+    model = source.model
     samples = token_windows(read_texts(paths["calib"]), tokenizer, args.samples, 512, 0)
-    stack = find_decoder_stack(model)
+    stack = source.stack
     inputs = capture_block_inputs(model, stack, list(samples.split(4)))
     rows = []
     with torch.no_grad():
         for index in range(args.blocks):
-            block = stack.layers[index]
+            block = source.materialize_block(index)
             groups = [g for g in shared_input_groups(block, *inputs[0]) if len(g) > 1]
             stats = {tuple(g): ActivationStats(block.get_submodule(g[0]).in_features) for g in groups}
             hooks = [block.get_submodule(g[0]).register_forward_pre_hook(

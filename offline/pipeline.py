@@ -22,15 +22,10 @@ from offline import __version__
 from offline.calibration import read_texts, token_windows
 from offline.export import atomic_output_dir, copy_side_files, quantized_tensors, write_config, write_shards
 from offline.layer_quant import QuantizedLinear, quantize_group
-from offline.model_structure import (
-    UnsupportedModelError,
-    capture_block_inputs,
-    find_decoder_stack,
-    run_block,
-    shared_input_groups,
-)
+from offline.model_structure import capture_block_inputs, run_block, shared_input_groups
 from offline.options import QuantizeOptions
 from offline.rank_allocation import LayerSpectrum, allocate_budget
+from offline.source_model import open_source_model
 from offline.report import build_report
 from offline.simulate import ReferenceASERLinear, set_submodule
 from offline.whitening import ActivationStats
@@ -48,19 +43,6 @@ class QuantizeSummary:
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def load_source_model(model_dir: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} has no config.json: not a Hugging Face model directory")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    except (ValueError, KeyError, OSError) as exc:
-        raise UnsupportedModelError(f"transformers could not load {model_dir} as a causal LM: {exc}") from exc
-    return tokenizer, model.eval()
 
 
 def _simulated(result: QuantizedLinear, opts: QuantizeOptions) -> ReferenceASERLinear:
@@ -95,6 +77,17 @@ def quantize_block(block, block_prefix, inputs, opts) -> tuple[list[QuantizedLin
                 set_submodule(block, name, _simulated(result, opts))
             outputs = [run_block(block, hidden, kwargs) for hidden, kwargs in inputs]
     return results, outputs
+
+
+def unquantized_tensors(module: torch.nn.Module, prefix: str, quantized: set[str], dtype: torch.dtype) -> dict:
+    """The module's persistent tensors outside the quantized linears, as exported (floats cast to dtype)."""
+    tensors = {}
+    for name, tensor in module.state_dict().items():
+        full = f"{prefix}.{name}" if prefix else name
+        if full.rsplit(".", 1)[0] in quantized or tensor.is_meta:
+            continue
+        tensors[full] = tensor.to(dtype).clone() if tensor.is_floating_point() else tensor.clone()
+    return tensors
 
 
 def allocate_ranks(results: list[QuantizedLinear], budget_percent: float) -> None:
@@ -140,17 +133,23 @@ def quantize_model(
         raise ValueError("the output directory must differ from the source model directory")
     torch.manual_seed(opts.seed)
     texts = read_texts(calib)
-    tokenizer, model = load_source_model(model_dir)
+    tokenizer, source = open_source_model(model_dir)
+    model, stack = source.model, source.stack
     samples = token_windows(texts, tokenizer, opts.num_samples, opts.seq_len, opts.seed)
-    stack = find_decoder_stack(model)
     batches = list(samples.split(opts.batch_size))
     inputs = capture_block_inputs(model, stack, batches)
 
+    dtype = getattr(torch, opts.dtype)
     results: list[QuantizedLinear] = []
-    bar = tqdm(stack.layers, desc="quantizing blocks", unit="block", disable=not progress)
-    for index, block in enumerate(bar):
-        block_results, outputs = quantize_block(block, f"{stack.prefix}.{index}", inputs, opts)
+    tensors: dict[str, torch.Tensor] = {}  # unquantized tensors to export (block norms, embeddings, head)
+    bar = tqdm(range(len(stack.layers)), desc="quantizing blocks", unit="block", disable=not progress)
+    for index in bar:
+        prefix = f"{stack.prefix}.{index}"
+        block = source.materialize_block(index)
+        block_results, outputs = quantize_block(block, prefix, inputs, opts)
         results.extend(block_results)
+        tensors.update(unquantized_tensors(block, prefix, {r.name for r in block_results}, dtype))
+        source.release_block(index)
         inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs)]
         bar.set_postfix(rss=f"{peak_rss_mib():.0f}MiB")
     del inputs
@@ -174,16 +173,11 @@ def quantize_model(
             "seed": opts.seed,
         },
     )
-    dtype = getattr(torch, opts.dtype)
-    quantized_names = {r.name for r in results}
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        module = name.rsplit(".", 1)[0]
-        if module in quantized_names:
-            continue
-        if name == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False):
-            continue
-        tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    outside = {k: v for k, v in unquantized_tensors(model, "", set(), dtype).items()
+               if not k.startswith(stack.prefix + ".")}
+    if getattr(model.config, "tie_word_embeddings", False):
+        outside.pop("lm_head.weight", None)
+    tensors.update(outside)
     for result in results:
         tensors.update(quantized_tensors(result, cfg, dtype))
 
