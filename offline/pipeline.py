@@ -79,12 +79,15 @@ def quantize_block(block, block_prefix, inputs, opts) -> tuple[list[QuantizedLin
     return results, outputs
 
 
-def unquantized_tensors(module: torch.nn.Module, prefix: str, quantized: set[str], dtype: torch.dtype) -> dict:
-    """The module's persistent tensors outside the quantized linears, as exported (floats cast to dtype)."""
+def unquantized_tensors(
+    module: torch.nn.Module, prefix: str, quantized: set[str], dtype: torch.dtype, skip_under: str | None = None
+) -> dict:
+    """The module's persistent tensors outside the quantized linears (and outside `skip_under`), as exported
+    (floats cast to dtype)."""
     tensors = {}
     for name, tensor in module.state_dict().items():
         full = f"{prefix}.{name}" if prefix else name
-        if full.rsplit(".", 1)[0] in quantized or tensor.is_meta:
+        if full.rsplit(".", 1)[0] in quantized or tensor.is_meta or (skip_under and full.startswith(skip_under)):
             continue
         tensors[full] = tensor.to(dtype).clone() if tensor.is_floating_point() else tensor.clone()
     return tensors
@@ -173,8 +176,8 @@ def quantize_model(
             "seed": opts.seed,
         },
     )
-    outside = {k: v for k, v in unquantized_tensors(model, "", set(), dtype).items()
-               if not k.startswith(stack.prefix + ".")}
+    # blocks were exported as they were quantized; what remains is outside the stack
+    outside = unquantized_tensors(model, "", set(), dtype, skip_under=stack.prefix + ".")
     if getattr(model.config, "tie_word_embeddings", False):
         outside.pop("lm_head.weight", None)
     tensors.update(outside)

@@ -115,9 +115,11 @@ def open_source_model(model_dir: Path):
     block_has_lost_buffers = any(
         n not in stack.layers[0].state_dict() for n, _ in stack.layers[0].named_buffers()
     )
-    if checkpoint is None or needed - checkpoint.files.keys() or block_has_lost_buffers:
-        logger.warning("%s: tensor names differ from the model's; loading it whole (memory not bounded by one "
-                       "block)", model_dir)
+    reason = ("no safetensors files" if checkpoint is None
+              else "tensor names differ from the model's" if needed - checkpoint.files.keys()
+              else "its decoder blocks hold non-persistent buffers" if block_has_lost_buffers else None)
+    if reason:
+        logger.warning("%s: %s; loading it whole (memory not bounded by one block)", model_dir, reason)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         return tokenizer, SourceModel(model, find_decoder_stack(model), None)
 

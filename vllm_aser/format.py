@@ -149,20 +149,21 @@ def expected_shapes(cfg: ASERQuantConfig, out_features: int, in_features: int, r
     return shapes
 
 
-def is_aser_model(model_dir: str | Path) -> bool:
-    """Whether config.json declares this method (its settings are checked by read_quant_config)."""
+def _model_config(model_dir: str | Path) -> tuple[Path, dict]:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise FormatError(f"{path} does not exist: not a model directory")
-    quant = json.loads(path.read_text()).get("quantization_config") or {}
+    return path, json.loads(path.read_text())
+
+
+def is_aser_model(model_dir: str | Path) -> bool:
+    """Whether config.json declares this method (its settings are checked by read_quant_config)."""
+    quant = _model_config(model_dir)[1].get("quantization_config") or {}
     return quant.get("quant_method") == QUANT_METHOD
 
 
 def read_quant_config(model_dir: str | Path) -> ASERQuantConfig:
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise FormatError(f"{path} does not exist: not a model directory")
-    raw = json.loads(path.read_text())
+    path, raw = _model_config(model_dir)
     if "quantization_config" not in raw:
         raise FormatError(f"{path} has no quantization_config: not an ASER model (quantize it with aser-quantize)")
     return ASERQuantConfig.from_dict(raw["quantization_config"])
