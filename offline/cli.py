@@ -7,7 +7,7 @@ import json
 import sys
 
 from offline import __version__
-from offline.options import DTYPES, METHODS, OptionsError, QuantizeOptions
+from offline.options import BASES, DTYPES, METHODS, OptionsError, QuantizeOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--a-bits", type=int, default=defaults.a_bits, help="activation bits (per-token, symmetric)")
     p.add_argument("--group-size", type=int, default=defaults.group_size,
                    help="weight quantization group size; -1 = one scale per output channel")
+    p.add_argument("--base", choices=BASES, default=defaults.base,
+                   help="base weight quantizer under the low-rank branch: rtn (round to nearest) or gptq "
+                   "(error feedback through the calibration Hessian)")
+    p.add_argument("--no-act-order", dest="act_order", action="store_false",
+                   help="gptq: round columns in stored order instead of by decreasing Hessian diagonal")
     rank = p.add_mutually_exclusive_group()
     rank.add_argument("--rank", type=int, help="fixed rank of every low-rank branch (padded to a multiple of 8)")
     rank.add_argument("--rank-energy", type=float,

@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("reference", "vllm"), default="reference")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="compute dtype (default: float32)")
     p.add_argument("--enforce-eager", action="store_true", help="vllm backend: skip torch.compile (faster start)")
+    p.add_argument("--lowrank-rank", type=int, metavar="R",
+                   help="reference backend: truncate every low-rank branch to its first R components (the factors "
+                   "are ordered by singular value, so one high-rank artifact gives a rank sweep)")
     p.add_argument("--output", type=Path, help="also write the result JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -39,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_windows is not None and args.max_windows < 1:
         print("aser-eval: error: --max-windows must be at least 1", file=sys.stderr)
+        return 2
+    if args.lowrank_rank is not None and (args.backend != "reference" or args.lowrank_rank < 0):
+        print("aser-eval: error: --lowrank-rank needs the reference backend and a rank >= 0", file=sys.stderr)
         return 2
     try:
         if args.backend == "vllm":
@@ -50,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             from offline.perplexity import torch_perplexity
 
             result = torch_perplexity(args.model_dir, args.text, args.window, args.max_windows,
-                                      DTYPES[args.dtype], progress=not args.quiet)
+                                      DTYPES[args.dtype], progress=not args.quiet,
+                                      lowrank_rank=args.lowrank_rank)
     except (CalibrationError, FormatError, ValueError, OSError) as exc:
         print(f"aser-eval: error: {exc}", file=sys.stderr)
         return 2

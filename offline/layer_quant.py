@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from offline.gptq import quantize_gptq
 from offline.options import QuantizeOptions
 from offline.rank_allocation import energy_rank, pad_rank, provisional_budget_rank
 from offline.smoothing import outlier_channels, smoothing_scales
@@ -99,6 +100,26 @@ def _initial_rank(opts: QuantizeOptions, spectrum: LowRankSpectrum, out_f: int, 
     return pad_rank(provisional_budget_rank(opts.rank_budget or 0.0, out_f, in_f), limit)
 
 
+def _base_quantize(
+    smoothed: dict[str, torch.Tensor], outliers: torch.Tensor, gram: torch.Tensor, opts: QuantizeOptions
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """int4 codes and scales of each smoothed weight, extracted outlier columns set to zero (the low-rank branch
+    carries them). GPTQ runs once on the siblings' stacked rows: they share the input, hence the Hessian."""
+    cut = {}
+    for name, w in smoothed.items():
+        cut[name] = w.clone()
+        cut[name][:, outliers] = 0.0
+    if opts.base == "rtn":
+        return {name: quantize_rtn(w, opts.w_bits, opts.group_size) for name, w in cut.items()}
+    q, scale = quantize_gptq(torch.cat(list(cut.values())), gram, opts.w_bits, opts.group_size, opts.damp,
+                             opts.act_order, frozen=outliers)
+    out, row = {}, 0
+    for name, w in cut.items():
+        out[name] = (q[row:row + w.shape[0]], scale[row:row + w.shape[0]])
+        row += w.shape[0]
+    return out
+
+
 def quantize_group(
     linears: dict[str, torch.nn.Linear], stats: ActivationStats, opts: QuantizeOptions
 ) -> list[QuantizedLinear]:
@@ -120,13 +141,12 @@ def quantize_group(
     gram = stats.smoothed_gram(smooth)
     whitening = damped_cholesky(gram, opts.damp) if opts.method in ("aser", "er") else None
 
+    smoothed = {name: w * smooth[None, :] for name, w in weights.items()}
+    codes = _base_quantize(smoothed, outliers, gram, opts)
     results = []
     errors = []
-    for name, w in weights.items():
-        w_smooth = w * smooth[None, :]
-        to_quantize = w_smooth.clone()
-        to_quantize[:, outliers] = 0.0  # extraction: outlier columns go to the low-rank branch
-        q, scale = quantize_rtn(to_quantize, opts.w_bits, opts.group_size)
+    for name, w_smooth in smoothed.items():
+        q, scale = codes[name]
         errors.append(quantization_error(w_smooth, q, scale, opts.group_size))
         bias = linears[name].bias
         results.append(

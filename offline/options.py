@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 METHODS = ("aser", "er", "smoothquant", "lorc", "rtn")
 METHODS_WITH_LOWRANK = ("aser", "er", "lorc")
 DTYPES = ("float16", "bfloat16", "float32")
+BASES = ("rtn", "gptq")
 
 
 class OptionsError(ValueError):
@@ -19,6 +20,8 @@ class QuantizeOptions:
     w_bits: int = 4
     a_bits: int = 8
     group_size: int = -1
+    base: str = "rtn"
+    act_order: bool = True
     rank: int | None = None
     rank_energy: float | None = None
     rank_budget: float | None = 3.0
@@ -38,6 +41,8 @@ class QuantizeOptions:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise OptionsError(f"--method must be one of {METHODS}, got {self.method!r}")
+        if self.base not in BASES:
+            raise OptionsError(f"--base must be one of {BASES}, got {self.base!r}")
         if self.w_bits not in (4, 8):
             raise OptionsError(f"--w-bits must be 4 or 8, got {self.w_bits}")
         if not 2 <= self.a_bits <= 8:

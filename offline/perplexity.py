@@ -28,6 +28,7 @@ class PerplexityResult:
     tokens: int  # predicted tokens: window - 1 per window (the first token of a window has no context)
     nll: float  # summed negative log-likelihood, nats
     seconds: float
+    lowrank_rank: int | None = None  # every low-rank branch truncated to this rank (reference backend)
 
     @property
     def ppl(self) -> float:
@@ -83,15 +84,23 @@ def window_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
 def torch_perplexity(
     model_dir: str | Path, text: str | Path, window: int, max_windows: int | None = None,
     dtype: torch.dtype = torch.float32, batch_size: int = 1, progress: bool = True,
+    lowrank_rank: int | None = None,
 ) -> PerplexityResult:
     from transformers import AutoTokenizer
 
+    if lowrank_rank is not None and not is_aser_model(model_dir):
+        raise ValueError(f"--lowrank-rank needs an ASER model directory; {model_dir} is not one")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     windows = eval_windows(text, tokenizer, window, max_windows)
     model = load_torch_model(model_dir, dtype)
+    if lowrank_rank is not None:
+        from offline.simulate import truncate_lowrank
+
+        truncate_lowrank(model, lowrank_rank)
     start = time.perf_counter()
     nll = window_nll(model, windows, batch_size, progress)
     return PerplexityResult(
         model=str(model_dir), backend="reference", text=str(text), window=window, windows=windows.shape[0],
         tokens=windows.shape[0] * (window - 1), nll=nll, seconds=round(time.perf_counter() - start, 2),
+        lowrank_rank=lowrank_rank,
     )

@@ -33,6 +33,23 @@ class ReferenceASERLinear(nn.Module):
         return aser_linear(x, self.weight, self.inv_smooth, self.down, self.up, self.bias, self.act_bits)
 
 
+def truncate_lowrank(model: nn.Module, rank: int) -> int:
+    """Keep the first `rank` components of every low-rank branch; return how many branches were cut.
+
+    aser-quantize orders the factors by singular value, so the first r components are the rank-r
+    reconstruction of the same calibration run: one artifact at a high rank gives a whole rank sweep.
+    """
+    if rank < 0:
+        raise ValueError(f"--lowrank-rank must be >= 0, got {rank}")
+    cut = 0
+    for module in model.modules():
+        if isinstance(module, ReferenceASERLinear) and module.down is not None and module.down.shape[0] > rank:
+            module.down = module.down[:rank].contiguous() if rank else None
+            module.up = module.up[:, :rank].contiguous() if rank else None
+            cut += 1
+    return cut
+
+
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)

@@ -63,10 +63,27 @@ def test_quantized_perplexity_is_finite_and_above_source(tiny_llama, llama_aser_
     assert quantized.ppl < source["ppl"] * 1.10
 
 
+def test_lowrank_truncation_is_a_rank_sweep(llama_aser_fp32, calib_text):
+    """Truncating the factors to the first r components is the rank-r reconstruction: full rank changes nothing,
+    rank 0 drops the branch, and the modules really hold r components."""
+    from offline.simulate import load_reference_model, truncate_lowrank
+
+    model = load_reference_model(llama_aser_fp32)
+    assert truncate_lowrank(model, 8) > 0
+    downs = [m.down for m in model.modules() if getattr(m, "down", None) is not None]
+    assert downs and all(d.shape[0] <= 8 for d in downs)
+    full = torch_perplexity(llama_aser_fp32, calib_text, WINDOW, max_windows=2, progress=False)
+    same = torch_perplexity(llama_aser_fp32, calib_text, WINDOW, max_windows=2, progress=False, lowrank_rank=10**6)
+    none = torch_perplexity(llama_aser_fp32, calib_text, WINDOW, max_windows=2, progress=False, lowrank_rank=0)
+    assert same.nll == full.nll and none.nll != full.nll and none.lowrank_rank == 0
+
+
 def test_bad_arguments_exit_2(tiny_llama, calib_text, tmp_path, capsys):
     assert eval_main([str(tmp_path / "missing"), "--text", str(calib_text), "--quiet"]) == 2
     assert eval_main([str(tiny_llama), "--text", str(calib_text), "--max-windows", "0", "--quiet"]) == 2
     assert "--max-windows" in capsys.readouterr().err
+    assert eval_main([str(tiny_llama), "--text", str(calib_text), "--lowrank-rank", "8", "--quiet"]) == 2
+    assert "needs an ASER model directory" in capsys.readouterr().err
 
 
 @pytest.mark.vllm

@@ -1,0 +1,325 @@
+"""The ASER ablation table on SmolLM2-135M-Instruct: quantize every row with `aser-quantize`, score it with
+`aser-eval` on two held-out sources, and write docs/accuracy/{results.json,TABLE.md,rank_curve.png}.
+
+Rows are cached in results.json by their exact command: a re-run only computes rows that are missing or whose
+command changed (`--fresh` recomputes all). `make eval` runs it on the CPU machine; see docs/ACCURACY.md.
+
+    python benchmarks/accuracy_table.py [--only REGEX] [--fresh] [--list] [--no-curve]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT_DIR = ROOT / "docs" / "accuracy"
+RESULTS = OUT_DIR / "results.json"
+EVAL_SETS = {"wikipedia": 16, "bbc": 8}  # held-out source -> windows of 2048 tokens scored
+WINDOW = 2048
+CURVE_RANKS = (8, 16, 24, 32, 48, 64)
+CURVE_WINDOWS = 8  # Wikipedia windows per curve point
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    section: str
+    label: str
+    args: tuple[str, ...] = ()  # aser-quantize options; None-like empty for the source model itself
+    quantized: bool = True
+    keep: bool = False  # keep the artifact (the rank-vs-perplexity curve truncates it)
+    notes: str = ""
+
+
+def _lowrank_rows(section: str, prefix: str, base: tuple[str, ...]) -> list[Row]:
+    rows = []
+    for method in ("lorc", "er", "aser"):
+        for budget in ("1", "2", "3"):
+            rows.append(Row(f"{prefix}-{method}-b{budget}", section, f"`{method}` budget {budget}%",
+                            (*base, "--method", method, "--rank-budget", budget)))
+        for rank in ("16", "64"):
+            rows.append(Row(f"{prefix}-{method}-r{rank}", section, f"`{method}` rank {rank}",
+                            (*base, "--method", method, "--rank", rank), keep=rank == "64" and prefix == "w4a8"))
+    return rows
+
+
+def table_rows() -> list[Row]:
+    pc, g128 = "W4A8, per-channel weights", "W4A8, group-128 weights"
+    rows = [
+        Row("fp", "Reference points", "full precision (float32 weights and compute)", quantized=False),
+        Row("w8a8-rtn", "Reference points", "W8A8 `rtn`", ("--method", "rtn", "--w-bits", "8")),
+        Row("w4a8-rtn", pc, "`rtn`", ("--method", "rtn")),
+        Row("w4a8-smoothquant", pc, "`smoothquant` (alpha 0.5)", ("--method", "smoothquant")),
+        *_lowrank_rows(pc, "w4a8", ()),
+        Row("g128-rtn", g128, "`rtn`", ("--method", "rtn", "--group-size", "128")),
+        Row("g128-smoothquant", g128, "`smoothquant` (alpha 0.5)", ("--method", "smoothquant", "--group-size", "128")),
+    ]
+    for method in ("lorc", "er", "aser"):
+        for budget in ("1", "3"):
+            rows.append(Row(f"g128-{method}-b{budget}", g128, f"`{method}` budget {budget}%",
+                            ("--method", method, "--group-size", "128", "--rank-budget", budget)))
+    a6 = "W4A6, per-channel weights"
+    rows += [
+        Row("w4a6-rtn", a6, "`rtn`", ("--method", "rtn", "--a-bits", "6")),
+        Row("w4a6-er-b3", a6, "`er` budget 3%", ("--method", "er", "--a-bits", "6")),
+        Row("w4a6-aser-b3", a6, "`aser` budget 3%", ("--method", "aser", "--a-bits", "6")),
+    ]
+    tune = "Tuning `aser` (W4A8 per-channel, budget 3%)"
+    for outliers in ("0", "8", "16"):
+        rows.append(Row(f"tune-outliers{outliers}", tune, f"outliers {outliers}", ("--outliers", outliers)))
+    for alpha in ("0.25", "0.75"):
+        rows.append(Row(f"tune-alpha{alpha}", tune, f"alpha {alpha}", ("--alpha", alpha)))
+    rows.append(Row("tune-no-propagate", tune, "no propagation of quantized outputs", ("--no-propagate",)))
+    rows.append(Row("tune-separate-lowrank", tune, "one low-rank pair per projection", ("--no-joint-lowrank",)))
+    return rows
+
+
+def run(cmd: list[str], log: Path) -> None:
+    with log.open("a") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.flush()
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+    if proc.returncode:
+        raise RuntimeError(f"command failed ({proc.returncode}), see {log}: {' '.join(cmd)}")
+
+
+def evaluate(model: Path, texts: dict[str, str], work: Path, log: Path, extra: tuple[str, ...] = (),
+             sets: dict[str, int] = EVAL_SETS) -> dict:
+    scores = {}
+    for name, windows in sets.items():
+        out = work / f"eval-{name}.json"
+        run(["aser-eval", str(model), "--text", texts[name], "--window", str(WINDOW), "--max-windows",
+             str(windows), "--quiet", "--output", str(out), *extra], log)
+        result = json.loads(out.read_text())
+        scores[name] = {"ppl": result["ppl"], "tokens": result["tokens"], "seconds": result["seconds"]}
+    return scores
+
+
+def run_row(row: Row, assets: dict, work: Path, log: Path) -> dict:
+    model = Path(assets["model"])
+    record: dict = {"command": row_command(row), "options": resolved_options(row), "eval": EVAL_SETS,
+                    "window": WINDOW}
+    if row.quantized:
+        artifact = work / row.id
+        run(["aser-quantize", str(model), str(artifact), "--calib", assets["calib"], "--quiet", "--overwrite",
+             *row.args], log)
+        report = json.loads((artifact / "aser_report.json").read_text())
+        totals = report["totals"]
+        record |= {k: totals[k] for k in ("extra_params_percent", "mean_rank", "quantize_seconds", "peak_rss_mib",
+                                          "mean_rel_output_error_quantized", "mean_rel_output_error_reconstructed")}
+        record["scores"] = evaluate(artifact, assets["eval"], work, log)
+        if not row.keep:
+            shutil.rmtree(artifact)
+    else:
+        record["scores"] = evaluate(model, assets["eval"], work, log)
+    return record
+
+
+def resolved_options(row: Row) -> dict | None:
+    """Every option the row's command resolves to (defaults included): a row is cached only while these match,
+    so changing a default recomputes the rows it affects."""
+    if not row.quantized:
+        return None
+    from offline.cli import build_parser
+    from offline.options import QuantizeOptions
+
+    parsed = vars(build_parser().parse_args(["MODEL", "OUT", "--calib", "SOTU", *row.args]))
+    return QuantizeOptions(**{k: v for k, v in parsed.items() if k in QuantizeOptions.__dataclass_fields__}).to_dict()
+
+
+def is_cached(row: Row, results: dict) -> bool:
+    rec = results.get(row.id)
+    return (rec is not None and rec.get("command") == row_command(row) and rec.get("eval") == EVAL_SETS
+            and rec.get("options") == resolved_options(row))
+
+
+def row_command(row: Row) -> str:
+    if not row.quantized:
+        return "(source model)"
+    return " ".join(["aser-quantize", "MODEL", "OUT", "--calib", "SOTU", *row.args])
+
+
+def rank_curve(rows: list[Row], results: dict, assets: dict, work: Path, log: Path) -> dict:
+    """Perplexity against rank from ONE calibration run per method: the rank-64 artifact's factors are ordered
+    by singular value, so its first r components are the rank-r reconstruction (aser-eval --lowrank-rank)."""
+    curve: dict = results.get("_rank_curve", {})
+    for row in rows:
+        if not (row.keep and (work / row.id).exists()):
+            continue
+        method = row.args[row.args.index("--method") + 1]
+        points = curve.get(method, {})
+        for rank in CURVE_RANKS:
+            if str(rank) in points:
+                continue
+            print(f"  curve {method} rank {rank}", flush=True)
+            score = evaluate(work / row.id, assets["eval"], work, log, ("--lowrank-rank", str(rank)),
+                             {"wikipedia": CURVE_WINDOWS})
+            points[str(rank)] = score["wikipedia"]["ppl"]
+            curve[method] = points
+            results["_rank_curve"] = curve
+            save(results)
+    return curve
+
+
+def save(results: dict) -> None:
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+
+
+def gap_closed(ppl: float, rtn: float | None, fp: float | None) -> str:
+    if rtn is None or fp is None or math.isclose(rtn, fp):
+        return ""
+    return f"{100 * (rtn - ppl) / (rtn - fp):.0f}%"
+
+
+def render(rows: list[Row], results: dict) -> str:
+    get = lambda rid, src: results.get(rid, {}).get("scores", {}).get(src, {}).get("ppl")  # noqa: E731
+    fp_w, fp_b = get("fp", "wikipedia"), get("fp", "bbc")
+    lines = [
+        "# SmolLM2-135M-Instruct: the ablation table",
+        "",
+        "Written by `make eval` (`python benchmarks/accuracy_table.py`); do not edit by hand. Perplexity over "
+        f"non-overlapping {WINDOW}-token windows, reference backend (float32 compute): Wikipedia sample "
+        f"({EVAL_SETS['wikipedia']} windows) and BBC News ({EVAL_SETS['bbc']} windows). Calibration: "
+        "`aser-quantize` defaults (64 × 512 tokens of State of the Union text). \"Gap closed\" is "
+        "(ppl(rtn) − ppl) / (ppl(rtn) − ppl(full precision)) against the `rtn` row of the same section "
+        "(Wikipedia). Quantization time and peak RSS are `aser-quantize`'s own.",
+        "",
+        f"Machine: {results.get('_machine', 'unknown')}.",
+        "",
+    ]
+    section = None
+    for row in rows:
+        if row.section != section:
+            section = row.section
+            rtn_id = {"W4A8, per-channel weights": "w4a8-rtn", "W4A8, group-128 weights": "g128-rtn",
+                      "W4A6, per-channel weights": "w4a6-rtn"}.get(section, "w4a8-rtn")
+            lines += ["", f"## {section}", "",
+                      "| row | Wikipedia ppl | gap closed | BBC ppl | extra params | mean rank | quant time | "
+                      "peak RSS | command |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+        rec = results.get(row.id)
+        cmd = f"`{row_command(row)}`"
+        if rec is None:
+            lines.append(f"| {row.label} | not run | | | | | | | {cmd} |")
+            continue
+        w, b = get(row.id, "wikipedia"), get(row.id, "bbc")
+        closed = "" if not row.quantized or row.id == rtn_id else gap_closed(w, get(rtn_id, "wikipedia"), fp_w)
+        extra = f"{rec['extra_params_percent']:.2f}%" if row.quantized else "—"
+        rank = f"{rec['mean_rank']:.1f}" if row.quantized else "—"
+        secs = f"{rec['quantize_seconds']:.0f} s" if row.quantized else "—"
+        rss = f"{rec['peak_rss_mib']:.0f} MiB" if row.quantized else "—"
+        lines.append(f"| {row.label} | {w:.2f} | {closed} | {b:.2f} | {extra} | {rank} | {secs} | {rss} | {cmd} |")
+    if fp_b:
+        lines += ["", f"Full precision BBC perplexity: {fp_b:.2f}."]
+    curve = results.get("_rank_curve")
+    if curve:
+        lines += ["", "## Perplexity against rank (one calibration run per method)", "",
+                  "Each method's rank-64 artifact, evaluated with every low-rank branch truncated to its first r "
+                  f"components (`aser-eval --lowrank-rank r`), Wikipedia, {CURVE_WINDOWS} windows. Later blocks "
+                  "were calibrated on rank-64 outputs, so a point is not exactly a rank-r quantization run.", "",
+                  "![rank curve](rank_curve.png)", "",
+                  "| rank | " + " | ".join(f"`{m}`" for m in curve) + " |",
+                  "|---|" + "---|" * len(curve)]
+        for rank in CURVE_RANKS:
+            lines.append(f"| {rank} | " + " | ".join(f"{curve[m].get(str(rank), float('nan')):.2f}"
+                                                      for m in curve) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curve(results: dict) -> None:
+    curve = results.get("_rank_curve")
+    if not curve:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for method, points in curve.items():
+        ranks = sorted(int(r) for r in points)
+        ax.plot(ranks, [points[str(r)] for r in ranks], marker="o", label=method)
+    fp = results.get("fp", {}).get("scores", {}).get("wikipedia", {}).get("ppl")
+    rtn = results.get("w4a8-rtn", {}).get("scores", {}).get("wikipedia", {}).get("ppl")
+    if fp:
+        ax.axhline(fp, color="black", linestyle="--", linewidth=1, label="full precision")
+    if rtn:
+        ax.axhline(rtn, color="grey", linestyle=":", linewidth=1, label="W4A8 rtn")
+    ax.set_xlabel("rank of every low-rank branch")
+    ax.set_ylabel(f"Wikipedia perplexity ({CURVE_WINDOWS} × {WINDOW} tokens)")
+    ax.set_title("SmolLM2-135M W4A8 per-channel: perplexity vs rank")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(OUT_DIR / "rank_curve.png")
+
+
+def machine() -> str:
+    cpu = ""
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import os
+
+    return f"{os.cpu_count()}-core {platform.machine()} CPU ({cpu}), no GPU" if cpu else platform.platform()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", help="regular expression: run only the rows whose id matches")
+    p.add_argument("--fresh", action="store_true", help="recompute rows even if results.json has them")
+    p.add_argument("--list", action="store_true", help="list the rows and whether they are cached, then exit")
+    p.add_argument("--no-curve", action="store_true", help="skip the rank-vs-perplexity curve")
+    p.add_argument("--work", type=Path, help="where artifacts go (default: the cache, eval-work)")
+    args = p.parse_args(argv)
+
+    rows = table_rows()
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    selected = [r for r in rows if not args.only or re.search(args.only, r.id)]
+    if args.list:
+        for r in rows:
+            cached = is_cached(r, results)
+            print(f"{'cached ' if cached else 'missing'}  {r.id:24s} {row_command(r)}")
+        return 0
+    assets = json.loads(subprocess.run([sys.executable, "examples/prepare_assets.py", "--eval-text"], cwd=ROOT,
+                                       check=True, capture_output=True, text=True).stdout)
+    work = args.work or Path(assets["model"]).parents[1] / "eval-work"
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "accuracy_table.log"
+    results["_machine"] = machine()
+    for row in selected:
+        curve_needs_artifact = row.keep and not args.no_curve and not (work / row.id).exists() and any(
+            str(r) not in results.get("_rank_curve", {}).get(row.args[row.args.index("--method") + 1], {})
+            for r in CURVE_RANKS)
+        if is_cached(row, results) and not args.fresh and not curve_needs_artifact:
+            continue
+        start = time.perf_counter()
+        print(f"row {row.id}: {row_command(row)}", flush=True)
+        results[row.id] = run_row(row, assets, work, log)
+        save(results)
+        (OUT_DIR / "TABLE.md").write_text(render(rows, results))
+        w = results[row.id]["scores"]["wikipedia"]["ppl"]
+        print(f"  wikipedia ppl {w:.2f} ({time.perf_counter() - start:.0f} s)", flush=True)
+    if not args.no_curve:
+        rank_curve(selected, results, assets, work, log)
+        plot_curve(results)
+    save(results)
+    (OUT_DIR / "TABLE.md").write_text(render(rows, results))
+    print(f"wrote {OUT_DIR / 'TABLE.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""GPTQ-style base quantizer: round one column at a time and push its output error onto the columns not yet
+rounded, weighted by the inverse Hessian (Frantar et al., 2022).
+
+The Hessian is the calibration Gram matrix the whitening already holds (of the smoothed input), so GPTQ needs no
+second calibration pass. The result has RTN's exact layout (symmetric int grid, per-channel or per-group scales
+along the stored column order), so the artifact and the vLLM kernels do not change.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from offline.weight_quant import quantize_rtn
+
+
+def _inverse_hessian_factor(gram: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1 (H damped by damp * mean diagonal, grown tenfold until it factorizes)."""
+    diag_mean = gram.diagonal().mean().clamp(min=1e-12)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    lam = max(damp, 1e-6)
+    for _ in range(12):
+        factor, info = torch.linalg.cholesky_ex(gram + lam * diag_mean * eye)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(factor)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0:
+                return upper
+        lam *= 10
+    raise RuntimeError("GPTQ: the Hessian could not be factorized even with heavy damping (NaN in activations?)")
+
+
+def quantize_gptq(
+    w: torch.Tensor,
+    gram: torch.Tensor,
+    bits: int,
+    group_size: int,
+    damp: float = 0.01,
+    act_order: bool = True,
+    frozen: torch.Tensor | None = None,
+    block_size: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in], gram [in, in] (X X^T of the layer's input) -> (q int8 [out, in], scale float32 [out, n_groups]).
+
+    `frozen` input channels (ASER's extracted outliers) must already be zero in `w`: they are cut out of the
+    Hessian, stay exactly zero, and receive no error feedback (the low-rank branch carries them).
+    `act_order` rounds columns in order of decreasing Hessian diagonal; scales are fixed before the loop
+    (from the weight itself), so the stored layout stays plain, with no column permutation or group index.
+    """
+    out_features, in_features = w.shape
+    if gram.shape != (in_features, in_features):
+        raise ValueError(f"GPTQ: Hessian of shape {tuple(gram.shape)} does not match weight {tuple(w.shape)}")
+    qmax = 2 ** (bits - 1) - 1
+    weight = w.double().clone()
+    hessian = gram.double().clone()
+    dead = hessian.diagonal() <= 0
+    if frozen is not None and frozen.numel():
+        dead[frozen] = True
+    hessian[dead, :] = 0.0
+    hessian[:, dead] = 0.0
+    # decoupled: no error flows into or out of these columns (channels calibration never saw are rounded
+    # plainly, frozen ones stay zero)
+    hessian.diagonal()[dead] = hessian.diagonal()[~dead].mean() if (~dead).any() else 1.0
+
+    # scales from the (frozen-zeroed) weight, as RTN would choose them: fixed before any error feedback
+    _, scale = quantize_rtn(weight.float(), bits, group_size)
+    scale = scale.double()
+    group_of = (torch.zeros(in_features, dtype=torch.long) if group_size == -1
+                else torch.arange(in_features) // group_size)
+
+    order = torch.argsort(hessian.diagonal(), descending=True, stable=True) if act_order else torch.arange(in_features)
+    weight = weight[:, order]
+    hessian = hessian[order][:, order]
+    col_scale = scale[:, group_of[order]]  # [out, in] in processing order
+    hinv = _inverse_hessian_factor(hessian, damp)
+
+    q = torch.zeros(out_features, in_features, dtype=torch.int8)
+    for start in range(0, in_features, block_size):
+        stop = min(start + block_size, in_features)
+        block = weight[:, start:stop].clone()
+        errors = torch.zeros_like(block)
+        hblock = hinv[start:stop, start:stop]
+        for i in range(stop - start):
+            column = block[:, i]
+            s = col_scale[:, start + i]
+            codes = torch.clamp(torch.round(column / s), -qmax, qmax)
+            q[:, start + i] = codes.to(torch.int8)
+            err = (column - codes * s) / hblock[i, i]
+            block[:, i:] -= err[:, None] * hblock[i, i:][None, :]
+            errors[:, i] = err
+        weight[:, stop:] -= errors @ hinv[start:stop, stop:]
+
+    restored = torch.empty_like(q)
+    restored[:, order] = q
+    if frozen is not None and frozen.numel():
+        restored[:, frozen] = 0
+    return restored, scale.float()
+
