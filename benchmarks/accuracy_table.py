@@ -38,7 +38,7 @@ class Row:
     args: tuple[str, ...] = ()  # aser-quantize options; None-like empty for the source model itself
     quantized: bool = True
     keep: bool = False  # keep the artifact (the rank-vs-perplexity curve truncates it)
-    notes: str = ""
+    baseline: str = "w4a8-rtn"  # "gap closed" is measured from this row's perplexity
 
 
 def _lowrank_rows(section: str, prefix: str, base: tuple[str, ...]) -> list[Row]:
@@ -61,21 +61,34 @@ def table_rows() -> list[Row]:
         Row("w4a8-rtn", pc, "`rtn`", ("--method", "rtn")),
         Row("w4a8-smoothquant", pc, "`smoothquant` (alpha 0.5)", ("--method", "smoothquant")),
         *_lowrank_rows(pc, "w4a8", ()),
-        Row("g128-rtn", g128, "`rtn`", ("--method", "rtn", "--group-size", "128")),
-        Row("g128-smoothquant", g128, "`smoothquant` (alpha 0.5)", ("--method", "smoothquant", "--group-size", "128")),
+        Row("g128-rtn", g128, "`rtn`", ("--method", "rtn", "--group-size", "128"), baseline="g128-rtn"),
+        Row("g128-smoothquant", g128, "`smoothquant` (alpha 0.5)", ("--method", "smoothquant", "--group-size", "128"),
+            baseline="g128-rtn"),
     ]
     for method in ("lorc", "er", "aser"):
         for budget in ("1", "3"):
             rows.append(Row(f"g128-{method}-b{budget}", g128, f"`{method}` budget {budget}%",
-                            ("--method", method, "--group-size", "128", "--rank-budget", budget)))
+                            ("--method", method, "--group-size", "128", "--rank-budget", budget), baseline="g128-rtn"))
+    gq = "GPTQ base (`--base gptq`), W4A8"
+    rows += [
+        Row("gptq-rtn", gq, "`rtn` + GPTQ, per-channel", ("--method", "rtn", "--base", "gptq")),
+        Row("gptq-er-b3", gq, "`er` + GPTQ, per-channel, budget 3%", ("--method", "er", "--base", "gptq")),
+        Row("gptq-aser-b1", gq, "`aser` + GPTQ, per-channel, budget 1%",
+            ("--method", "aser", "--base", "gptq", "--rank-budget", "1")),
+        Row("gptq-aser-b3", gq, "`aser` + GPTQ, per-channel, budget 3%", ("--method", "aser", "--base", "gptq")),
+        Row("gptq-g128-rtn", gq, "`rtn` + GPTQ, group 128", ("--method", "rtn", "--base", "gptq",
+                                                              "--group-size", "128"), baseline="g128-rtn"),
+        Row("gptq-g128-aser-b3", gq, "`aser` + GPTQ, group 128, budget 3%",
+            ("--method", "aser", "--base", "gptq", "--group-size", "128"), baseline="g128-rtn"),
+    ]
     a6 = "W4A6, per-channel weights"
     rows += [
-        Row("w4a6-rtn", a6, "`rtn`", ("--method", "rtn", "--a-bits", "6")),
-        Row("w4a6-er-b3", a6, "`er` budget 3%", ("--method", "er", "--a-bits", "6")),
-        Row("w4a6-aser-b3", a6, "`aser` budget 3%", ("--method", "aser", "--a-bits", "6")),
+        Row("w4a6-rtn", a6, "`rtn`", ("--method", "rtn", "--a-bits", "6"), baseline="w4a6-rtn"),
+        Row("w4a6-er-b3", a6, "`er` budget 3%", ("--method", "er", "--a-bits", "6"), baseline="w4a6-rtn"),
+        Row("w4a6-aser-b3", a6, "`aser` budget 3%", ("--method", "aser", "--a-bits", "6"), baseline="w4a6-rtn"),
     ]
     tune = "Tuning `aser` (W4A8 per-channel, budget 3%)"
-    for outliers in ("0", "8", "16"):
+    for outliers in ("8", "16"):  # outliers 0 is `er` (smoothing acts on the extracted channels only)
         rows.append(Row(f"tune-outliers{outliers}", tune, f"outliers {outliers}", ("--outliers", outliers)))
     for alpha in ("0.25", "0.75"):
         rows.append(Row(f"tune-alpha{alpha}", tune, f"alpha {alpha}", ("--alpha", alpha)))
@@ -192,8 +205,8 @@ def render(rows: list[Row], results: dict) -> str:
         f"non-overlapping {WINDOW}-token windows, reference backend (float32 compute): Wikipedia sample "
         f"({EVAL_SETS['wikipedia']} windows) and BBC News ({EVAL_SETS['bbc']} windows). Calibration: "
         "`aser-quantize` defaults (64 × 512 tokens of State of the Union text). \"Gap closed\" is "
-        "(ppl(rtn) − ppl) / (ppl(rtn) − ppl(full precision)) against the `rtn` row of the same section "
-        "(Wikipedia). Quantization time and peak RSS are `aser-quantize`'s own.",
+        "(ppl(rtn) − ppl) / (ppl(rtn) − ppl(full precision)) on Wikipedia, against the RTN row with the same "
+        "weight grid and activation bits (per-channel W4A8 RTN unless the row says otherwise). Quantization time and peak RSS are `aser-quantize`'s own.",
         "",
         f"Machine: {results.get('_machine', 'unknown')}.",
         "",
@@ -202,8 +215,6 @@ def render(rows: list[Row], results: dict) -> str:
     for row in rows:
         if row.section != section:
             section = row.section
-            rtn_id = {"W4A8, per-channel weights": "w4a8-rtn", "W4A8, group-128 weights": "g128-rtn",
-                      "W4A6, per-channel weights": "w4a6-rtn"}.get(section, "w4a8-rtn")
             lines += ["", f"## {section}", "",
                       "| row | Wikipedia ppl | gap closed | BBC ppl | extra params | mean rank | quant time | "
                       "peak RSS | command |",
@@ -214,7 +225,8 @@ def render(rows: list[Row], results: dict) -> str:
             lines.append(f"| {row.label} | not run | | | | | | | {cmd} |")
             continue
         w, b = get(row.id, "wikipedia"), get(row.id, "bbc")
-        closed = "" if not row.quantized or row.id == rtn_id else gap_closed(w, get(rtn_id, "wikipedia"), fp_w)
+        closed = "" if not row.quantized or row.id == row.baseline else gap_closed(w, get(row.baseline, "wikipedia"),
+                                                                                   fp_w)
         extra = f"{rec['extra_params_percent']:.2f}%" if row.quantized else "—"
         rank = f"{rec['mean_rank']:.1f}" if row.quantized else "—"
         secs = f"{rec['quantize_seconds']:.0f} s" if row.quantized else "—"

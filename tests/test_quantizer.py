@@ -196,3 +196,17 @@ def test_cli(tiny_llama, calib_text, tmp_path, capsys):
     help_text = subprocess.run([sys.executable, "-m", "offline", "--help"], capture_output=True, text=True).stdout
     for option in ("--calib", "--rank-budget", "--rank-energy", "--method", "--group-size", "--no-propagate"):
         assert option in help_text
+
+
+def test_report_summary_lists_worst_layers_first(llama_aser_fp32, tmp_path, capsys):
+    from offline.report_summary import main as report_main
+
+    assert report_main([str(llama_aser_fp32), "--top", "3"]) == 0
+    text = capsys.readouterr().out
+    report = json.loads((llama_aser_fp32 / fmt.REPORT_FILENAME).read_text())
+    worst = sorted(report["layers"], key=lambda layer: layer["rel_output_error_reconstructed"], reverse=True)[:3]
+    listed = [line.split()[0] for line in text.splitlines()[-3:]]
+    assert listed == [layer["name"] for layer in worst]
+    assert "q_proj" in text and "extra parameters" in text
+    assert report_main([str(tmp_path)]) == 2
+    assert "aser_report.json" in capsys.readouterr().err
