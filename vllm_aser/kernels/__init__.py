@@ -1,1 +1,1 @@
-"""Kernels for the ASER linear: `reference` (plain torch, the oracle) and `cpu` (oneDNN int8)."""
+"""Kernels for the ASER linear: `reference` (plain torch, the oracle), `cpu` (oneDNN int8), `cuda` (Triton)."""

@@ -1,4 +1,4 @@
-"""Kernel choice, made once per process from the platform (override: VLLM_ASER_KERNEL=reference|cpu)."""
+"""Kernel choice, made once per process from the platform (override: VLLM_ASER_KERNEL=reference|cpu|cuda)."""
 
 from __future__ import annotations
 
@@ -70,7 +70,43 @@ class CPUKernel:
         )
 
 
-KERNELS = {k.name: k for k in (ReferenceKernel, CPUKernel)}
+class CUDAKernel:
+    name = "cuda"
+    description = "Triton: fused smoothing + per-token int8 + low-rank down, int8 x packed-int4 GEMM with fused epilogue"
+
+    def prepare(self, layer, q, scale, inv_smooth, down, up, group_size: int) -> None:
+        from vllm_aser.kernels.triton_w4a8 import pack_int4_kn
+
+        if group_size != -1 and group_size % 16:
+            raise ValueError(f"the cuda kernel needs a weight group size that is a multiple of 16 (this model has "
+                             f"{group_size}): re-quantize with --group-size 128, or set {ENV_VAR}=reference")
+        weight = pack_int4_kn(q, scale, group_size)
+        act_dtype = layer.aser_act_dtype
+        layer.aser_group = weight.group_size
+        layer.aser_in_features = weight.in_features
+        _keep(layer, "aser_packed", weight.packed)
+        _keep(layer, "aser_scale", weight.scale)
+        is_identity = bool(torch.all(inv_smooth == 1))
+        _keep(layer, "aser_inv_smooth", None if is_identity else inv_smooth.float().contiguous())
+        _keep(layer, "aser_down", None if down is None else down.to(act_dtype).contiguous())
+        _keep(layer, "aser_up_t", None if up is None else up.t().to(act_dtype).contiguous())
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.ops.vllm_aser.cuda_linear(
+            x, layer.aser_packed, layer.aser_scale, layer.aser_inv_smooth, layer.aser_down, layer.aser_up_t, bias,
+            layer.aser_group, layer.aser_in_features, layer.aser_out_features, layer.aser_act_bits,
+        )
+
+
+KERNELS = {k.name: k for k in (ReferenceKernel, CPUKernel, CUDAKernel)}
+
+
+def _cuda_kernel_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def _cpu_kernel_available() -> bool:
@@ -90,12 +126,16 @@ def select_kernel():
     if wanted == "auto":
         if current_platform.is_cpu() and _cpu_kernel_available():
             wanted = "cpu"
+        elif current_platform.is_cuda() and _cuda_kernel_available():
+            wanted = "cuda"
         else:
             wanted = "reference"
             logger.warning("ASER: no fast kernel for platform %s yet; using the slow reference kernel",
                            current_platform.device_name)
     if wanted == "cpu" and not (current_platform.is_cpu() and _cpu_kernel_available()):
         raise ValueError(f"{ENV_VAR}=cpu needs vLLM's CPU build (oneDNN ops); this platform has none")
+    if wanted == "cuda" and not (current_platform.is_cuda() and _cuda_kernel_available()):
+        raise ValueError(f"{ENV_VAR}=cuda needs a CUDA device and Triton")
     kernel = KERNELS[wanted]()
     logger.info("ASER kernel: %s (%s); set %s to override", kernel.name, kernel.description, ENV_VAR)
     return kernel

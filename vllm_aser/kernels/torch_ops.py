@@ -71,5 +71,29 @@ def _cpu_fake(x, dnnl_handler, inv_smooth, down, up, bias, out_features, act_bit
     return _out_like(x, out_features)
 
 
+def cuda_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    inv_smooth: torch.Tensor | None,
+    down: torch.Tensor | None,
+    up_t: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    group_size: int,
+    in_features: int,
+    out_features: int,
+    act_bits: int,
+) -> torch.Tensor:
+    from vllm_aser.kernels.triton_w4a8 import PackedW4, aser_linear_triton
+
+    weight = PackedW4(packed, scale, group_size, in_features, out_features)
+    return aser_linear_triton(x, weight, inv_smooth, down, up_t, bias, act_bits)
+
+
+def _cuda_fake(x, packed, scale, inv_smooth, down, up_t, bias, group_size, in_features, out_features, act_bits):
+    return _out_like(x, out_features)
+
+
 direct_register_custom_op("reference_linear", reference_linear, [], _reference_fake, target_lib=_LIB)
 direct_register_custom_op("cpu_linear", cpu_linear, [], _cpu_fake, target_lib=_LIB)
+direct_register_custom_op("cuda_linear", cuda_linear, [], _cuda_fake, target_lib=_LIB)

@@ -1,0 +1,247 @@
+"""GPU microbenchmark of the ASER CUDA kernels against FP16 and W8A8 GEMMs (torch + triton only, no vLLM).
+
+For the linear shapes of Llama-3-8B and of one tensor-parallel shard (TP=8) of Llama-3-70B, and M tokens in
+{1, 16, 64, 256, 1024, 4096}, times with CUDA events (warm-up, then the median of many calls, inputs and weights
+rotated through more memory than the L2 cache holds):
+  fp16      torch.nn.functional.linear, FP16 weights
+  w8a8      torch._int_mm on int8 activations (already quantized) and int8 weights, then per-token x per-channel
+            scaling to FP16 (M padded to 17 where _int_mm needs M > 16)
+  w4a8      the ASER kernel pair without the low-rank branch (activation quantization included)
+  aser      the ASER kernel pair with a rank-64 low-rank branch (what a served ASER layer runs)
+and prints times, ratios to fp16, achieved TB/s and TOP/s against the device's measured copy bandwidth and FP16
+matmul rate. Writes JSON and CSV (and a PNG when matplotlib is installed; `--plot FILE.json` draws it later).
+
+    python benchmarks/gpu_kernels.py --out docs/gpu            # on a CUDA machine
+    TRITON_INTERPRET=1 python benchmarks/gpu_kernels.py --smoke --out /tmp/x   # CPU: tiny shapes, checks only
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vllm_aser.kernels import triton_w4a8 as tk  # noqa: E402
+
+SHAPES = {  # name -> (N, K) of y = x W^T
+    "llama3-8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
+    "llama3-70b-tp8": {"qkv": (1280, 8192), "o": (8192, 1024), "gate_up": (7168, 8192), "down": (8192, 3584)},
+}
+SMOKE_SHAPES = {"smoke": {"a": (40, 72), "b": (96, 136)}}
+MS = (1, 16, 64, 256, 1024, 4096)
+RANK = 64
+L2_FLUSH_BYTES = 256 << 20  # rotate through at least this much memory per method (H100 L2: 50 MB)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_calls(fns: list, device: str, warmup: int, iters: int) -> float:
+    """Median microseconds of one call, cycling through `fns` (each bound to different buffers)."""
+    for i in range(warmup):
+        fns[i % len(fns)]()
+    sync(device)
+    times = []
+    for i in range(iters):
+        fn = fns[i % len(fns)]
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)
+
+
+def device_peaks(device: str) -> dict:
+    """Measured device-to-device copy bandwidth (GB/s) and FP16 / int8 matmul rates (TFLOP/s, TOP/s)."""
+    if device != "cuda":
+        return {"copy_gbps": float("nan"), "fp16_tflops": float("nan"), "int8_tops": float("nan")}
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    us = time_calls([lambda: dst.copy_(src)], device, 3, 20)
+    a = torch.randn(8192, 8192, dtype=torch.float16, device=device)
+    mm_us = time_calls([lambda: a @ a], device, 3, 20)
+    ai = torch.randint(-127, 127, (8192, 8192), dtype=torch.int8, device=device)
+    imm_us = time_calls([lambda: torch._int_mm(ai, ai)], device, 3, 20)
+    n = 8192
+    return {"copy_gbps": 2 * src.numel() / us / 1e3, "fp16_tflops": 2 * n**3 / mm_us / 1e6,
+            "int8_tops": 2 * n**3 / imm_us / 1e6}
+
+
+def copies_for(nbytes: int, smoke: bool) -> int:
+    return 1 if smoke else max(2, min(16, math.ceil(L2_FLUSH_BYTES / max(nbytes, 1))))
+
+
+def bench_shape(n: int, k: int, m: int, device: str, smoke: bool, warmup: int, iters: int) -> dict:
+    g = torch.Generator(device="cpu").manual_seed(m * 7 + n + k)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    q = torch.randint(-7, 8, (n, k), dtype=torch.int8, generator=g)
+    scale = (torch.rand(n, 1, generator=g) * 0.01 + 0.001)
+    w_fp = (q.float() * scale).to(dtype)
+    rank = min(RANK, k, n)
+    down = (torch.randn(rank, k, generator=g) * 0.02).to(dtype)
+    up = (torch.randn(n, rank, generator=g) * 0.02).to(dtype)
+    inv_smooth = torch.rand(k, generator=g) + 0.5
+
+    weights = [tk.pack_int4_kn(q.to(device), scale.to(device), -1)
+               for _ in range(copies_for(n * k // 2, smoke))]
+    fp_ws = [w_fp.to(device) for _ in range(copies_for(n * k * 2, smoke))]
+    i8_ws = [q.t().contiguous().to(device) for _ in range(copies_for(n * k, smoke))]
+    xs = [torch.randn(m, k, generator=g).to(dtype).to(device) for _ in range(4)]
+    inv_smooth, down, up_t, w_scale = (t.to(device) for t in (inv_smooth, down, up.t().contiguous(),
+                                                               scale.reshape(1, n).float()))
+    m_mm = max(m, 17)  # torch._int_mm needs M > 16 on CUDA
+    xq8 = [torch.randint(-127, 127, (m_mm, k), dtype=torch.int8, generator=g).to(device) for _ in range(4)]
+    a_scale = torch.rand(m_mm, 1, generator=g).to(device)
+
+    def make(method: str, i: int):
+        x = xs[i % len(xs)]
+        if method == "fp16":
+            w = fp_ws[i % len(fp_ws)]
+            return lambda: torch.nn.functional.linear(x, w)
+        if method == "w8a8":
+            w, xa = i8_ws[i % len(i8_ws)], xq8[i % len(xq8)]
+            return lambda: (torch._int_mm(xa, w).float() * a_scale * w_scale).to(dtype)
+        w = weights[i % len(weights)]
+        if method == "w4a8":
+            return lambda: tk.aser_linear_triton(x, w, inv_smooth, None, None, None)
+        return lambda: tk.aser_linear_triton(x, w, inv_smooth, down, up_t, None)
+
+    row = {"n": n, "k": k, "m": m, "rank": rank}
+    count = max(len(weights), len(fp_ws), len(i8_ws), len(xs))
+    for method in ("fp16", "w8a8", "w4a8", "aser"):
+        row[f"{method}_us"] = time_calls([make(method, i) for i in range(count)], device, warmup, iters)
+    # correctness of the timed kernel on this shape (against a dequantized torch computation)
+    x = xs[0]
+    ref = ((x.float() * inv_smooth) @ (q.float() * scale).t().to(device)
+           + ((x.float() * inv_smooth) @ down.float().t()) @ up_t.float())
+    out = tk.aser_linear_triton(x, weights[0], inv_smooth, down, up_t, None).float()
+    row["aser_rel_err_vs_unquantized_act"] = float((out - ref).norm() / ref.norm())
+    # bytes that must move at least once: weights (+ low-rank factors), activations in and out
+    act = m * k * x.element_size() + m * n * x.element_size()
+    row["bytes"] = {"fp16": n * k * 2 + act, "w8a8": n * k + act, "w4a8": n * k // 2 + act,
+                    "aser": n * k // 2 + (n + k) * rank * 2 + act}
+    row["ops"] = 2 * m * n * k
+    return row
+
+
+def summarize(rows: list[dict], peaks: dict) -> list[dict]:
+    flat = []
+    for r in rows:
+        for method in ("fp16", "w8a8", "w4a8", "aser"):
+            us = r[f"{method}_us"]
+            tbps = r["bytes"][method] / us / 1e6
+            flat.append({
+                "model": r["model"], "layer": r["layer"], "n": r["n"], "k": r["k"], "m": r["m"], "method": method,
+                "us": round(us, 2), "speedup_vs_fp16": round(r["fp16_us"] / us, 3),
+                "tbps": round(tbps, 3), "tops": round(r["ops"] / us / 1e6, 2),
+                "pct_copy_bw": round(100 * tbps * 1e3 / peaks["copy_gbps"], 1) if peaks["copy_gbps"] == peaks["copy_gbps"] else None,
+                "lowrank_overhead_pct": round(100 * (r["aser_us"] / r["w4a8_us"] - 1), 1) if method == "aser" else None,
+                "rel_err": round(r["aser_rel_err_vs_unquantized_act"], 5) if method == "aser" else None,
+            })
+    return flat
+
+
+def plot(json_path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(json_path.read_text())
+    flat = data["results"]
+    models = sorted({r["model"] for r in flat})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), dpi=120, squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for method in ("w8a8", "w4a8", "aser"):
+            pts = {}
+            for r in flat:
+                if r["model"] == model and r["method"] == method:
+                    pts.setdefault(r["m"], []).append(r["speedup_vs_fp16"])
+            ms = sorted(pts)
+            # geometric mean over the model's layers
+            ax.plot(ms, [math.exp(sum(math.log(max(v, 1e-9)) for v in pts[m]) / len(pts[m])) for m in ms], marker="o", label=method)
+        ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("M (tokens)")
+        ax.set_ylabel("speed-up over FP16 (geomean of layers)")
+        ax.set_title(f"{model} on {data['device']}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    out = json_path.with_suffix(".png")
+    fig.savefig(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("gpu-bench"), help="folder for the JSON / CSV / PNG")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device (checks the script)")
+    p.add_argument("--models", nargs="*", default=list(SHAPES), help="subset of " + ", ".join(SHAPES))
+    p.add_argument("--ms", type=int, nargs="*", default=list(MS))
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--plot", type=Path, help="only draw the PNG of an existing JSON")
+    args = p.parse_args(argv)
+    if args.plot:
+        print(f"wrote {plot(args.plot)}")
+        return 0
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not (args.smoke and tk.INTERPRET):
+        print("gpu_kernels: no CUDA device (on CPU only `TRITON_INTERPRET=1 ... --smoke` runs)", file=sys.stderr)
+        return 2
+    shapes = SMOKE_SHAPES if args.smoke else {m: SHAPES[m] for m in args.models}
+    ms = (1, 7, 33) if args.smoke else args.ms
+    warmup, iters = (1, 2) if args.smoke else (10, args.iters)
+    peaks = device_peaks(device)
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreted smoke run)"
+    print(f"device: {name}; copy {peaks['copy_gbps']:.0f} GB/s, FP16 matmul {peaks['fp16_tflops']:.0f} TFLOP/s, "
+          f"int8 _int_mm {peaks['int8_tops']:.0f} TOP/s", flush=True)
+    rows = []
+    print(f"{'model':15s} {'layer':8s} {'N':>6s} {'K':>6s} {'M':>5s} | {'fp16 us':>8s} {'w8a8':>6s} {'w4a8':>6s} "
+          f"{'aser':>6s} (x fp16) | LR cost | rel err")
+    for model, layers in shapes.items():
+        for layer, (n, k) in layers.items():
+            for m in ms:
+                r = bench_shape(n, k, m, device, args.smoke, warmup, iters) | {"model": model, "layer": layer}
+                rows.append(r)
+                ratio = lambda meth: r["fp16_us"] / r[f"{meth}_us"]  # noqa: E731
+                print(f"{model:15s} {layer:8s} {n:6d} {k:6d} {m:5d} | {r['fp16_us']:8.1f} {ratio('w8a8'):6.2f} "
+                      f"{ratio('w4a8'):6.2f} {ratio('aser'):6.2f}          | "
+                      f"{100 * (r['aser_us'] / r['w4a8_us'] - 1):+6.1f}% | {r['aser_rel_err_vs_unquantized_act']:.4f}",
+                      flush=True)
+    flat = summarize(rows, peaks)
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = {"device": name, "torch": torch.__version__, "triton": __import__("triton").__version__,
+               "peaks": peaks, "rank": RANK, "results": flat}
+    json_path = args.out / "gpu_kernels.json"
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    with (args.out / "gpu_kernels.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(flat[0]))
+        writer.writeheader()
+        writer.writerows(flat)
+    try:
+        print(f"wrote {json_path}, {plot(json_path)}")
+    except ImportError:
+        print(f"wrote {json_path} (no matplotlib here: `python benchmarks/gpu_kernels.py --plot {json_path}`)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
