@@ -69,8 +69,14 @@ def table_rows() -> list[Row]:
         for budget in ("1", "3"):
             rows.append(Row(f"g128-{method}-b{budget}", g128, f"`{method}` budget {budget}%",
                             ("--method", method, "--group-size", "128", "--rank-budget", budget), baseline="g128-rtn"))
-    gq = "GPTQ base (`--base gptq`), W4A8"
+    gq = "Base quantizer: GPTQ (`--base gptq`) and clipped scales (`--clip mse`), W4A8"
     rows += [
+        Row("clip-rtn", gq, "`rtn`, clipped scales, per-channel", ("--method", "rtn", "--clip", "mse")),
+        Row("clip-aser-b3", gq, "`aser`, clipped scales, per-channel, budget 3%", ("--method", "aser", "--clip", "mse")),
+        Row("gptq-clip-rtn", gq, "`rtn` + GPTQ, clipped scales, per-channel",
+            ("--method", "rtn", "--base", "gptq", "--clip", "mse")),
+        Row("gptq-clip-aser-b3", gq, "`aser` + GPTQ, clipped scales, per-channel, budget 3%",
+            ("--method", "aser", "--base", "gptq", "--clip", "mse")),
         Row("gptq-rtn", gq, "`rtn` + GPTQ, per-channel", ("--method", "rtn", "--base", "gptq")),
         Row("gptq-er-b3", gq, "`er` + GPTQ, per-channel, budget 3%", ("--method", "er", "--base", "gptq")),
         Row("gptq-aser-b1", gq, "`aser` + GPTQ, per-channel, budget 1%",

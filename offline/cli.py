@@ -7,7 +7,7 @@ import json
 import sys
 
 from offline import __version__
-from offline.options import BASES, DTYPES, METHODS, OptionsError, QuantizeOptions
+from offline.options import BASES, CLIPS, DTYPES, METHODS, OptionsError, QuantizeOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", choices=BASES, default=defaults.base,
                    help="base weight quantizer under the low-rank branch: rtn (round to nearest) or gptq "
                    "(error feedback through the calibration Hessian)")
+    p.add_argument("--clip", choices=CLIPS, default=defaults.clip,
+                   help="weight scales: minmax (absmax of each channel/group) or mse (the clipped scale that "
+                   "minimizes the input-weighted rounding error)")
     p.add_argument("--no-act-order", dest="act_order", action="store_false",
                    help="gptq: round columns in stored order instead of by decreasing Hessian diagonal")
     rank = p.add_mutually_exclusive_group()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from offline.weight_quant import quantize_rtn
+from offline.weight_quant import choose_scales
 
 
 def _inverse_hessian_factor(gram: torch.Tensor, damp: float) -> torch.Tensor:
@@ -38,6 +38,7 @@ def quantize_gptq(
     act_order: bool = True,
     frozen: torch.Tensor | None = None,
     block_size: int = 128,
+    clip: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """w [out, in], gram [in, in] (X X^T of the layer's input) -> (q int8 [out, in], scale float32 [out, n_groups]).
 
@@ -61,8 +62,9 @@ def quantize_gptq(
     # plainly, frozen ones stay zero)
     hessian.diagonal()[dead] = hessian.diagonal()[~dead].mean() if (~dead).any() else 1.0
 
-    # scales from the (frozen-zeroed) weight, as RTN would choose them: fixed before any error feedback
-    _, scale = quantize_rtn(weight.float(), bits, group_size)
+    # scales from the (frozen-zeroed) weight, as RTN would choose them (`clip`: with the Hessian diagonal as
+    # importance), fixed before any error feedback
+    scale = choose_scales(weight.float(), bits, group_size, gram.diagonal().clamp(min=0) if clip else None)
     scale = scale.double()
     group_of = (torch.zeros(in_features, dtype=torch.long) if group_size == -1
                 else torch.arange(in_features) // group_size)

@@ -109,10 +109,11 @@ def _base_quantize(
     for name, w in smoothed.items():
         cut[name] = w.clone()
         cut[name][:, outliers] = 0.0
+    importance = gram.diagonal().clamp(min=0) if opts.clip == "mse" else None
     if opts.base == "rtn":
-        return {name: quantize_rtn(w, opts.w_bits, opts.group_size) for name, w in cut.items()}
+        return {name: quantize_rtn(w, opts.w_bits, opts.group_size, importance) for name, w in cut.items()}
     q, scale = quantize_gptq(torch.cat(list(cut.values())), gram, opts.w_bits, opts.group_size, opts.damp,
-                             opts.act_order, frozen=outliers)
+                             opts.act_order, frozen=outliers, clip=opts.clip == "mse")
     out, row = {}, 0
     for name, w in cut.items():
         out[name] = (q[row:row + w.shape[0]], scale[row:row + w.shape[0]])

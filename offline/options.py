@@ -8,6 +8,7 @@ METHODS = ("aser", "er", "smoothquant", "lorc", "rtn")
 METHODS_WITH_LOWRANK = ("aser", "er", "lorc")
 DTYPES = ("float16", "bfloat16", "float32")
 BASES = ("rtn", "gptq")
+CLIPS = ("minmax", "mse")
 
 
 class OptionsError(ValueError):
@@ -22,6 +23,7 @@ class QuantizeOptions:
     group_size: int = -1
     base: str = "rtn"
     act_order: bool = True
+    clip: str = "minmax"
     rank: int | None = None
     rank_energy: float | None = None
     rank_budget: float | None = 3.0
@@ -43,6 +45,8 @@ class QuantizeOptions:
             raise OptionsError(f"--method must be one of {METHODS}, got {self.method!r}")
         if self.base not in BASES:
             raise OptionsError(f"--base must be one of {BASES}, got {self.base!r}")
+        if self.clip not in CLIPS:
+            raise OptionsError(f"--clip must be one of {CLIPS}, got {self.clip!r}")
         if self.w_bits not in (4, 8):
             raise OptionsError(f"--w-bits must be 4 or 8, got {self.w_bits}")
         if not 2 <= self.a_bits <= 8:
