@@ -7,7 +7,7 @@ import json
 import sys
 
 from offline import __version__
-from offline.options import BASES, CLIPS, DTYPES, METHODS, OptionsError, QuantizeOptions
+from offline.options import BASES, CLIPS, DTYPES, EXPORTS, METHODS, OptionsError, QuantizeOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-joint-lowrank", dest="joint_lowrank", action="store_false",
                    help="one low-rank pair per projection instead of one shared down-projection per fused group "
                    "(q/k/v, gate/up) from a joint SVD")
+    p.add_argument("--export", choices=EXPORTS, default=defaults.export,
+                   help="aser: the ASER format (vllm serve --quantization aser); compressed-tensors: a W8A8 or W4A16 "
+                   "baseline for vLLM's in-tree compressed-tensors support (needs --method rtn)")
     p.add_argument("--dtype", choices=DTYPES, default=defaults.dtype, help="dtype of unquantized tensors")
     p.add_argument("--lowrank-dtype", choices=DTYPES, help="dtype of the low-rank factors (default: --dtype)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed for the choice of calibration windows")

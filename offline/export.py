@@ -103,11 +103,11 @@ def copy_side_files(source: Path, directory: Path) -> None:
             shutil.copy2(path, directory / path.name)
 
 
-def write_config(source: Path, directory: Path, cfg: fmt.ASERQuantConfig, dtype: str) -> None:
+def write_config(source: Path, directory: Path, quantization_config: dict, dtype: str) -> None:
     config = json.loads((source / "config.json").read_text())
     config.pop("quantization_config", None)
     config["torch_dtype"] = dtype
     if "dtype" in config:
         config["dtype"] = dtype
-    config["quantization_config"] = cfg.to_dict()
+    config["quantization_config"] = quantization_config
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -9,6 +9,8 @@ METHODS_WITH_LOWRANK = ("aser", "er", "lorc")
 DTYPES = ("float16", "bfloat16", "float32")
 BASES = ("rtn", "gptq")
 CLIPS = ("minmax", "mse")
+EXPORTS = ("aser", "compressed-tensors")
+COMPRESSED_TENSORS_BITS = ((8, 8), (4, 16))  # W8A8 int8, W4A16
 
 
 class OptionsError(ValueError):
@@ -24,6 +26,7 @@ class QuantizeOptions:
     base: str = "rtn"
     act_order: bool = True
     clip: str = "minmax"
+    export: str = "aser"
     rank: int | None = None
     rank_energy: float | None = None
     rank_budget: float | None = 3.0
@@ -49,8 +52,18 @@ class QuantizeOptions:
             raise OptionsError(f"--clip must be one of {CLIPS}, got {self.clip!r}")
         if self.w_bits not in (4, 8):
             raise OptionsError(f"--w-bits must be 4 or 8, got {self.w_bits}")
-        if not 2 <= self.a_bits <= 8:
-            raise OptionsError(f"--a-bits must be in 2..8, got {self.a_bits}")
+        if self.export not in EXPORTS:
+            raise OptionsError(f"--export must be one of {EXPORTS}, got {self.export!r}")
+        if self.export == "compressed-tensors":
+            if self.method != "rtn":
+                raise OptionsError("--export compressed-tensors holds plain int weights: use --method rtn "
+                                   "(with --base rtn|gptq)")
+            if (self.w_bits, self.a_bits) not in COMPRESSED_TENSORS_BITS:
+                raise OptionsError("--export compressed-tensors writes W8A8 (--w-bits 8 --a-bits 8) or W4A16 "
+                                   f"(--w-bits 4 --a-bits 16), got W{self.w_bits}A{self.a_bits}")
+        elif not 2 <= self.a_bits <= 8:
+            raise OptionsError(f"--a-bits must be in 2..8, got {self.a_bits} (16, unquantized activations, is only "
+                               "for --export compressed-tensors)")
         if self.group_size != -1 and (self.group_size <= 0 or self.group_size % 8):
             raise OptionsError(f"--group-size must be -1 (per channel) or a multiple of 8, got {self.group_size}")
         rules = [r for r in (self.rank, self.rank_energy) if r is not None]

@@ -160,35 +160,41 @@ def quantize_model(
     if opts.rank_budget is not None:
         allocate_ranks(results, opts.rank_budget)
 
-    cfg = fmt.ASERQuantConfig(
-        weight_bits=opts.w_bits,
-        weight_group_size=opts.group_size,
-        activation_bits=opts.a_bits,
-        lowrank_dtype=opts.lowrank_dtype,
-        lowrank_shared=opts.joint_lowrank,
-        ignore=["lm_head"],
-        ranks={r.name: r.rank for r in results},
-        method=opts.method,
-        calibration={
-            "source": str(calib),
-            "num_samples": opts.num_samples,
-            "seq_len": opts.seq_len,
-            "seed": opts.seed,
-        },
-    )
+    calibration = {"source": str(calib), "num_samples": opts.num_samples, "seq_len": opts.seq_len, "seed": opts.seed}
     # blocks were exported as they were quantized; what remains is outside the stack
     outside = unquantized_tensors(model, "", set(), dtype, skip_under=stack.prefix + ".")
     if getattr(model.config, "tie_word_embeddings", False):
         outside.pop("lm_head.weight", None)
     tensors.update(outside)
-    for result in results:
-        tensors.update(quantized_tensors(result, cfg, dtype))
+    cfg = None
+    if opts.export == "compressed-tensors":
+        from offline import export_compressed as ct
+
+        scheme, ct_format = ct.scheme_for(opts)
+        for result in results:
+            tensors.update(ct.compressed_tensors(result, scheme, ct_format, opts.group_size, dtype))
+        quant_config = ct.quantization_config(scheme, ct_format, ["lm_head"])
+    else:
+        cfg = fmt.ASERQuantConfig(
+            weight_bits=opts.w_bits,
+            weight_group_size=opts.group_size,
+            activation_bits=opts.a_bits,
+            lowrank_dtype=opts.lowrank_dtype,
+            lowrank_shared=opts.joint_lowrank,
+            ignore=["lm_head"],
+            ranks={r.name: r.rank for r in results},
+            method=opts.method,
+            calibration=calibration,
+        )
+        for result in results:
+            tensors.update(quantized_tensors(result, cfg, dtype))
+        quant_config = cfg.to_dict()
 
     provenance = {
         "tool": "aser-quantize",
         "tool_version": __version__,
         "source_model": str(model_dir),
-        "calibration": cfg.calibration,
+        "calibration": calibration,
         "options": opts.to_dict(),
         "rank_rule": opts.rank_rule,
         "torch": torch.__version__,
@@ -203,6 +209,7 @@ def quantize_model(
         write_shards(tensors, tmp)
         copy_side_files(model_dir, tmp)
         (tmp / fmt.REPORT_FILENAME).write_text(json.dumps(report, indent=2) + "\n")
-        write_config(model_dir, tmp, cfg, opts.dtype)
-        fmt.validate_checkpoint(tmp, cfg)
+        write_config(model_dir, tmp, quant_config, opts.dtype)
+        if cfg is not None:
+            fmt.validate_checkpoint(tmp, cfg)
     return QuantizeSummary(output_dir, report, time.perf_counter() - start, peak_rss_mib())

@@ -176,6 +176,11 @@ def test_unsupported_model(tmp_path, calib_text):
         ({"group_size": 100}, "--group-size"),
         ({"a_bits": 1}, "--a-bits"),
         ({"rank_energy": 1.5}, "--rank-energy"),
+        ({"base": "awq"}, "--base"),
+        ({"clip": "percentile"}, "--clip"),
+        ({"export": "compressed-tensors", "w_bits": 8}, "--method rtn"),
+        ({"export": "compressed-tensors", "method": "rtn", "w_bits": 4, "a_bits": 8}, "W4A16"),
+        ({"a_bits": 16}, "only for --export compressed-tensors"),
     ],
 )
 def test_bad_options(kwargs, message):

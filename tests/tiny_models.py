@@ -48,7 +48,9 @@ def train_tokenizer(directory: Path, vocab_size: int = 512):
     return fast
 
 
-def build_tiny_model(directory: Path, family: str = "llama", seed: int = 0, hidden: int = 128) -> Path:
+def build_tiny_model(
+    directory: Path, family: str = "llama", seed: int = 0, hidden: int = 128, intermediate: int | None = None
+) -> Path:
     """A random-weight causal LM of the given family with a locally trained tokenizer, in float32."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -58,7 +60,8 @@ def build_tiny_model(directory: Path, family: str = "llama", seed: int = 0, hidd
     common = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
-        intermediate_size=hidden * 2 + 48,  # not a multiple of 16 per TP=2 shard, nor of 128
+        # default: not a multiple of 16 per TP=2 shard, nor of 128
+        intermediate_size=intermediate or hidden * 2 + 48,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -56,7 +56,7 @@ def aser_linear(
     xf = x.float()
     if inv_smooth is not None:
         xf = xf * inv_smooth.float()
-    y = fake_quantize_per_token(xf, act_bits) @ weight.t()
+    y = (fake_quantize_per_token(xf, act_bits) if act_bits < 16 else xf) @ weight.t()  # 16: unquantized
     if down is not None:
         y = y + (xf @ down.float().t()) @ up.float().t()
     if bias is not None:
