@@ -49,8 +49,8 @@ def cpu_linear(
     x: torch.Tensor,
     dnnl_handler: torch.Tensor,
     inv_smooth: torch.Tensor | None,
-    down: torch.Tensor | None,
-    up: torch.Tensor | None,
+    down: torch.Tensor | None,  # float32 [in, r]
+    up: torch.Tensor | None,  # float32 [r, out]
     bias: torch.Tensor | None,
     out_features: int,
     act_bits: int,
@@ -62,8 +62,8 @@ def cpu_linear(
     x_q, x_s = quantize_per_token(x2, act_bits)
     out = torch.empty((x2.shape[0], out_features), dtype=x.dtype)
     torch.ops._C.onednn_scaled_mm(out, x_q, x_s, None, None, bias, dnnl_handler)
-    if down is not None:
-        out.addmm_(x2 @ down.t(), up.t())
+    if down is not None:  # float32 factors, stored transposed: down_t [in, r], up_t [r, out]
+        out.add_(torch.mm(torch.mm(x2.float(), down), up))
     return out.reshape(*shape[:-1], out_features)
 
 

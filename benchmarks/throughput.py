@@ -1,0 +1,183 @@
+"""Throughput of ASER against the in-tree alternatives, measured the same way in the same run (`make bench`).
+
+For each model (SmolLM2-135M-Instruct; optionally a random-weight Llama of ~1B parameters) it prepares, with our
+own tools only: the BF16 model, W8A8 int8 and W4A16 int4 checkpoints in compressed-tensors format (served by
+vLLM's in-tree support) and the ASER W4A8 model; then runs `vllm bench throughput` (random dataset, fixed seed)
+for each at several input/output lengths, and records tokens/s, the ratio to BF16 of the same run, the weight
+bytes on disk and the engine start-up time. Writes docs/throughput/{results.json,THROUGHPUT.md,throughput.png}.
+
+    python benchmarks/throughput.py [--models smollm2 llama-1b-random] [--only aser,bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT_DIR = ROOT / "docs" / "throughput"
+# (input tokens, output tokens, prompts): decode-heavy and prefill-heavy batches
+WORKLOADS = [(128, 128, 64), (1024, 16, 32)]
+METHODS = {  # name -> aser-quantize options (None: the unquantized model itself)
+    "bf16": None,
+    "w8a8": ["--method", "rtn", "--w-bits", "8", "--a-bits", "8", "--export", "compressed-tensors"],
+    "w4a16": ["--method", "rtn", "--w-bits", "4", "--a-bits", "16", "--export", "compressed-tensors"],
+    "aser": [],  # the defaults: ASER W4A8, 3% low-rank budget
+}
+
+
+def sh(cmd: list[str], log: Path, env: dict | None = None, timeout: int = 7200) -> str:
+    with log.open("a") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    with log.open("a") as fh:
+        fh.write(proc.stdout[-20000:] + proc.stderr[-20000:])
+    if proc.returncode:
+        raise RuntimeError(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return proc.stdout + proc.stderr
+
+
+def weight_bytes(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+
+
+def prepare(model: str, assets: dict, cache: Path, log: Path) -> dict[str, Path]:
+    """Model directories per method, quantized once and cached."""
+    if model == "smollm2":
+        source, calib, extra = Path(assets["model"]), assets["calib"], []
+    else:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from random_llama import build_random_llama, write_random_text
+
+        source = build_random_llama(cache / "llama-1b-random", Path(assets["model"]))
+        calib = str(write_random_text(cache / "random-text.txt", source))
+        extra = ["--num-samples", "8", "--seq-len", "256"]  # random weights: the values do not matter here
+    dirs = {}
+    for method, options in METHODS.items():
+        if options is None:
+            dirs[method] = source
+            continue
+        out = cache / f"{model}-{method}"
+        if not (out / "config.json").exists():
+            print(f"  quantizing {model} -> {method}", flush=True)
+            sh(["aser-quantize", str(source), str(out), "--calib", calib, "--quiet", *extra, *options], log)
+        dirs[method] = out
+    return dirs
+
+
+def bench(model_dir: Path, method: str, workload: tuple[int, int, int], log: Path, work: Path) -> dict:
+    inp, out, prompts = workload
+    result_file = work / f"tp-{method}-{inp}-{out}.json"
+    cmd = ["vllm", "bench", "throughput", "--model", str(model_dir), "--dtype", "bfloat16",
+           "--dataset-name", "random", "--random-input-len", str(inp), "--random-output-len", str(out),
+           "--num-prompts", str(prompts), "--seed", "0", "--max-model-len", str(inp + out + 16),
+           "--output-json", str(result_file)]
+    start = time.perf_counter()
+    text = sh(cmd, log)
+    wall = time.perf_counter() - start
+    data = json.loads(result_file.read_text())
+    elapsed = data["elapsed_time"]
+    loaded = re.search(r"Model loading took ([\d.]+) GiB", text)
+    return {
+        "tokens_per_s": data["tokens_per_second"], "output_tokens_per_s": prompts * out / elapsed,
+        "requests_per_s": data["requests_per_second"], "elapsed_s": elapsed,
+        "startup_s": wall - elapsed, "model_memory_gib": float(loaded.group(1)) if loaded else None,
+        "kernel": "aser:" + m.group(1) if (m := re.search(r"ASER kernel: (\w+)", text)) else None,
+    }
+
+
+def render(results: dict) -> str:
+    lines = ["# Throughput: ASER against the in-tree methods in vLLM", "",
+             "Written by `make bench` (`python benchmarks/throughput.py`); do not edit by hand. `vllm bench "
+             "throughput`, random dataset, seed 0, `--dtype bfloat16`, default scheduler settings; each row is one "
+             "engine (start-up = wall time of the command minus generation time). Ratios are to BF16 in the same "
+             "run. Weight bytes: the model's safetensors files on disk (embeddings included).", "",
+             f"Machine: {results.get('_machine', 'unknown')}; vLLM {results.get('_vllm', '?')}.", ""]
+    for model, per_model in results.items():
+        if model.startswith("_"):
+            continue
+        lines += [f"## {model}", "",
+                  "| method | weight bytes | workload (in/out × prompts) | tokens/s | output tokens/s | × BF16 | "
+                  "start-up |", "|---|---|---|---|---|---|---|"]
+        for key, row in per_model["runs"].items():
+            method, workload = key.split("@")
+            base = per_model["runs"].get(f"bf16@{workload}")
+            ratio = f"{row['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else ""
+            lines.append(f"| {method} | {per_model['weight_bytes'][method] / 2**20:.0f} MiB | {workload} | "
+                         f"{row['tokens_per_s']:.1f} | {row['output_tokens_per_s']:.1f} | {ratio} | "
+                         f"{row['startup_s']:.0f} s |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in results if not m.startswith("_")]
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), dpi=120, squeeze=False)
+    for ax, model in zip(axes[0], models):
+        runs = results[model]["runs"]
+        workloads = sorted({k.split("@")[1] for k in runs})
+        methods = [m for m in METHODS if any(k.startswith(m + "@") for k in runs)]
+        width = 0.8 / max(len(methods), 1)
+        for i, method in enumerate(methods):
+            ratios = [runs[f"{method}@{w}"]["tokens_per_s"] / runs[f"bf16@{w}"]["tokens_per_s"]
+                      if f"{method}@{w}" in runs and f"bf16@{w}" in runs else 0 for w in workloads]
+            ax.bar([j + i * width for j in range(len(workloads))], ratios, width, label=method)
+        ax.axhline(1.0, color="black", linewidth=1)
+        ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(workloads))], workloads)
+        ax.set_ylabel("tokens/s relative to BF16")
+        ax.set_title(model)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(OUT_DIR / "throughput.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="*", default=["smollm2"], choices=["smollm2", "llama-1b-random"])
+    p.add_argument("--only", help="comma-separated methods (default: all of " + ", ".join(METHODS) + ")")
+    args = p.parse_args(argv)
+    methods = args.only.split(",") if args.only else list(METHODS)
+    assets = json.loads(subprocess.run([sys.executable, "examples/prepare_assets.py"], cwd=ROOT, check=True,
+                                       capture_output=True, text=True).stdout)
+    cache = Path(assets["model"]).parents[1] / "bench"
+    cache.mkdir(parents=True, exist_ok=True)
+    log = cache / "throughput.log"
+    results_file = OUT_DIR / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    import vllm
+
+    results["_machine"] = (f"{os.cpu_count()}-core {platform.machine()} CPU, "
+                           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, no GPU")
+    results["_vllm"] = vllm.__version__
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    for model in args.models:
+        dirs = prepare(model, assets, cache, log)
+        entry = results.setdefault(model, {"runs": {}, "weight_bytes": {}})
+        for method in methods:
+            entry["weight_bytes"][method] = weight_bytes(dirs[method])
+            for workload in WORKLOADS:
+                key = f"{method}@{workload[0]}/{workload[1]}x{workload[2]}"
+                print(f"{model} {key}", flush=True)
+                entry["runs"][key] = bench(dirs[method], method, workload, log, cache)
+                print(f"  {entry['runs'][key]['tokens_per_s']:.1f} tokens/s", flush=True)
+                results_file.write_text(json.dumps(results, indent=2) + "\n")
+    (OUT_DIR / "THROUGHPUT.md").write_text(render(results))
+    plot(results)
+    print(f"wrote {OUT_DIR / 'THROUGHPUT.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
