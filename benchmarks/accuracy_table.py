@@ -57,7 +57,7 @@ def table_rows() -> list[Row]:
     pc, g128 = "W4A8, per-channel weights", "W4A8, group-128 weights"
     rows = [
         Row("fp", "Reference points", "full precision (float32 weights and compute)", quantized=False),
-        Row("w8a8-rtn", "Reference points", "W8A8 `rtn`", ("--method", "rtn", "--w-bits", "8")),
+        Row("w8a8-rtn", "Reference points", "W8A8 `rtn`", ("--method", "rtn", "--w-bits", "8"), baseline=""),
         Row("w4a8-rtn", pc, "`rtn`", ("--method", "rtn")),
         Row("w4a8-smoothquant", pc, "`smoothquant` (alpha 0.5)", ("--method", "smoothquant")),
         *_lowrank_rows(pc, "w4a8", ()),
@@ -231,7 +231,7 @@ def render(rows: list[Row], results: dict) -> str:
             lines.append(f"| {row.label} | not run | | | | | | | {cmd} |")
             continue
         w, b = get(row.id, "wikipedia"), get(row.id, "bbc")
-        closed = "" if not row.quantized or row.id == row.baseline else gap_closed(w, get(row.baseline, "wikipedia"),
+        closed = "" if not row.quantized or row.id == row.baseline or not row.baseline else gap_closed(w, get(row.baseline, "wikipedia"),
                                                                                    fp_w)
         extra = f"{rec['extra_params_percent']:.2f}%" if row.quantized else "—"
         rank = f"{rec['mean_rank']:.1f}" if row.quantized else "—"
