@@ -23,9 +23,9 @@ class QuantizeOptions:
     w_bits: int = 4
     a_bits: int = 8
     group_size: int = -1
-    base: str = "rtn"
+    base: str = "gptq"
     act_order: bool = True
-    clip: str = "minmax"
+    clip: str = "mse"
     export: str = "aser"
     rank: int | None = None
     rank_energy: float | None = None
