@@ -282,9 +282,9 @@ def plot_curve(results: dict) -> None:
     fp = results.get("fp", {}).get("scores", {}).get("wikipedia", {}).get("ppl")
     rtn = results.get("w4a8-rtn", {}).get("scores", {}).get("wikipedia", {}).get("ppl")
     if fp:
-        ax.axhline(fp, color="black", linestyle="--", linewidth=1, label="full precision")
+        ax.axhline(fp, color="black", linestyle="--", linewidth=1, label=f"full precision ({EVAL_SETS['wikipedia']} windows)")
     if rtn:
-        ax.axhline(rtn, color="grey", linestyle=":", linewidth=1, label="W4A8 rtn")
+        ax.axhline(rtn, color="grey", linestyle=":", linewidth=1, label=f"W4A8 rtn ({EVAL_SETS['wikipedia']} windows)")
     ax.set_xlabel("rank of every low-rank branch")
     ax.set_ylabel(f"Wikipedia perplexity ({CURVE_WINDOWS} × {WINDOW} tokens)")
     ax.set_title("SmolLM2-135M W4A8 per-channel: perplexity vs rank")
