@@ -1,8 +1,9 @@
 """Where the time of one ASER linear goes on this CPU (vLLM CPU build ops), stage by stage, against BF16.
 
 Stages of the `cpu` kernel: smoothing (x * 1/s), dynamic per-token int8 quantization, the oneDNN int8 GEMM
-(with per-channel dequantization in its epilogue), and the low-rank branch (x down^T, then out += t up^T, in
-float32; the last column is the same branch with bf16 factors, as the kernel first did).
+(with per-channel dequantization in its epilogue), and the low-rank branch (x down^T, then out += t up^T: in
+float32 up to CPU_FLOAT32_LOWRANK_MAX_ROWS rows, in bf16 above). The last two columns are the branch as earlier
+versions ran it: float32 factors added to the bf16 output in place (mixed dtype), and bf16 factors at every size.
 Shapes: SmolLM2-135M's fused linears and a ~1B Llama's; bf16 activations; median of repeated calls.
 
     python benchmarks/profile_cpu_linear.py [--rank 16] [--ms 1 16 64 256]
@@ -42,13 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from vllm import _custom_ops as ops
 
-    import vllm_aser.kernels.torch_ops  # noqa: F401  (registers the custom op)
+    from vllm_aser.kernels.torch_ops import CPU_FLOAT32_LOWRANK_MAX_ROWS  # importing registers the custom op
 
     torch.manual_seed(0)
     dt = torch.bfloat16
     print(f"torch threads: {torch.get_num_threads()}; rank {args.rank}; times in microseconds (median)")
     header = (f"{'shape':16s} {'M':>4s} | {'bf16':>7s} | {'smooth':>7s} {'quant':>7s} {'int8mm':>7s} {'lowrank':>7s} "
-              f"{'sum':>7s} | {'aser op':>7s} {'x bf16':>6s} | {'no-smooth':>9s} | {'LR bf16':>7s}")
+              f"{'sum':>7s} | {'aser op':>7s} {'x bf16':>6s} | {'no-smooth':>9s} | {'LR fp32+':>8s} {'LR bf16':>7s}")
     print(header)
     for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k).to(dt) * 0.02
@@ -70,15 +71,22 @@ def main(argv: list[str] | None = None) -> int:
             t_quant = median_us(lambda: ops.onednn_scaled_int8_quant(xs, None, None, True), args.reps)
             t_mm = median_us(lambda: torch.ops._C.onednn_scaled_mm(out, xq, xsc, None, None, None,
                                                                    dnnl.handler_tensor), args.reps)
-            t_lr = median_us(lambda: out.add_(torch.mm(torch.mm(xs.float(), down_t), up_t)), args.reps)
-            t_lr_bf16 = median_us(lambda: out.addmm_(xs @ down.t(), up.t()), args.reps)  # before: bf16 factors
-            t_op = median_us(lambda: torch.ops.vllm_aser.cpu_linear(x, dnnl.handler_tensor, inv_smooth, down_t, up_t,
+            down_lp, up_lp = down.t().contiguous(), up.t().contiguous()
+            if m <= CPU_FLOAT32_LOWRANK_MAX_ROWS:
+                t_lr = median_us(lambda: out.add_(torch.mm(torch.mm(xs.float(), down_t), up_t).to(dt)), args.reps)
+            else:
+                t_lr = median_us(lambda: out.addmm_(torch.mm(xs, down_lp), up_lp), args.reps)
+            t_lr_mixed = median_us(lambda: out.add_(torch.mm(torch.mm(xs.float(), down_t), up_t)), args.reps)
+            t_lr_bf16 = median_us(lambda: out.addmm_(xs @ down.t(), up.t()), args.reps)
+            lowrank = (down_t, up_t, down_lp, up_lp)
+            t_op = median_us(lambda: torch.ops.vllm_aser.cpu_linear(x, dnnl.handler_tensor, inv_smooth, *lowrank,
                                                                     None, n, 8), args.reps)
-            t_op_ns = median_us(lambda: torch.ops.vllm_aser.cpu_linear(x, dnnl.handler_tensor, None, down_t, up_t,
+            t_op_ns = median_us(lambda: torch.ops.vllm_aser.cpu_linear(x, dnnl.handler_tensor, None, *lowrank,
                                                                        None, n, 8), args.reps)
             total = t_smooth + t_quant + t_mm + t_lr
             print(f"{name:16s} {m:4d} | {t_bf16:7.1f} | {t_smooth:7.1f} {t_quant:7.1f} {t_mm:7.1f} {t_lr:7.1f} "
-                  f"{total:7.1f} | {t_op:7.1f} {t_bf16 / t_op:6.2f} | {t_op_ns:9.1f} | {t_lr_bf16:7.1f}", flush=True)
+                  f"{total:7.1f} | {t_op:7.1f} {t_bf16 / t_op:6.2f} | {t_op_ns:9.1f} | {t_lr_mixed:8.1f} {t_lr_bf16:7.1f}",
+                  flush=True)
     return 0
 
 

@@ -12,6 +12,7 @@ import vllm_aser.kernels.torch_ops  # noqa: F401  (registers the custom ops the 
 from vllm_aser.kernels.reference import dequantize_weight
 
 ENV_VAR = "VLLM_ASER_KERNEL"
+NO_AMX_ENV_VAR = "VLLM_ASER_CPU_NO_AMX"  # 1: the cpu kernel uses oneDNN's int8 GEMM even where AMX is there
 
 
 def _keep(layer: nn.Module, name: str, tensor: torch.Tensor | None) -> None:
@@ -36,41 +37,62 @@ class ReferenceKernel:
 
 class CPUKernel:
     name = "cpu"
-    description = "int4 unpacked to int8 at load, dynamic per-token int8 + oneDNN int8 GEMM, low-rank branch"
+    description = ("int4 unpacked to int8 at load; AMX int8 GEMM with fused per-token quantization where vLLM's "
+                   "CPU build has it and the shape allows, else oneDNN's; low-rank branch")
 
     def prepare(self, layer, q, scale, inv_smooth, down, up, group_size: int) -> None:
-        from vllm import _custom_ops as ops
-
         if group_size == -1:
             weight, channel_scale = q, scale.float()
-        else:  # oneDNN takes per-channel scales only: requantize the group-dequantized weight to int8
+        else:  # the int8 GEMMs take per-channel scales only: requantize the group-dequantized weight to int8
             dequant = dequantize_weight(q, scale, group_size)
             channel_scale = (dequant.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
             weight = torch.round(dequant / channel_scale).clamp(-127, 127).to(torch.int8)
         act_dtype = layer.aser_act_dtype
-        # the oneDNN handler keeps a pointer to the scales (not a copy): they must live as long as the layer
-        _keep(layer, "aser_weight_scale", channel_scale.reshape(-1, 1).contiguous())
-        layer.aser_dnnl = ops.create_onednn_scaled_mm(weight.t(), layer.aser_weight_scale, act_dtype, True, False, 32)
-        _keep(layer, "aser_dnnl_handle", layer.aser_dnnl.handler_tensor)
+        layer.aser_amx = _amx_int8_available(*weight.shape, act_dtype, layer.aser_act_bits)
+        if layer.aser_amx:
+            _keep(layer, "aser_weight_packed", torch.ops._C.convert_weight_packed(weight.contiguous()))
+            _keep(layer, "aser_weight_scale", channel_scale.reshape(-1).contiguous())
+        else:
+            from vllm import _custom_ops as ops
+
+            # the oneDNN handler keeps a pointer to the scales (not a copy): they must live as long as the layer
+            _keep(layer, "aser_weight_scale", channel_scale.reshape(-1, 1).contiguous())
+            dnnl = ops.create_onednn_scaled_mm(weight.t(), layer.aser_weight_scale, act_dtype, True, False, 32)
+            _keep(layer, "aser_dnnl_handle", dnnl.handler_tensor)
+            layer.aser_dnnl = dnnl  # owns the handler: releases it when the layer goes
         is_identity = bool(torch.all(inv_smooth == 1))
         _keep(layer, "aser_inv_smooth", None if is_identity else inv_smooth.to(act_dtype))
-        # The low-rank factors stay float32, transposed for plain GEMMs: on CPUs without native bf16 GEMM a
-        # float32 rank-16 branch is 3-4x faster than bf16 at decode sizes (benchmarks/profile_cpu_linear.py),
-        # and it is the reference's precision.
+        # The low-rank factors, transposed for plain GEMMs, in float32 (the reference's precision; fastest for a
+        # few rows) and in the activation dtype (fastest for many rows): see CPU_FLOAT32_LOWRANK_MAX_ROWS.
         _keep(layer, "aser_down", None if down is None else down.float().t().contiguous())
         _keep(layer, "aser_up", None if up is None else up.float().t().contiguous())
+        low_precision = down is not None and act_dtype != torch.float32
+        _keep(layer, "aser_down_lp", down.to(act_dtype).t().contiguous() if low_precision else None)
+        _keep(layer, "aser_up_lp", up.to(act_dtype).t().contiguous() if low_precision else None)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        lowrank = (layer.aser_down, layer.aser_up, layer.aser_down_lp, layer.aser_up_lp)
+        if layer.aser_amx:
+            return torch.ops.vllm_aser.cpu_amx_linear(
+                x, layer.aser_weight_packed, layer.aser_weight_scale, layer.aser_inv_smooth, *lowrank, bias
+            )
         return torch.ops.vllm_aser.cpu_linear(
-            x,
-            layer.aser_dnnl_handle,
-            layer.aser_inv_smooth,
-            layer.aser_down,
-            layer.aser_up,
-            bias,
-            layer.aser_out_features,
+            x, layer.aser_dnnl_handle, layer.aser_inv_smooth, *lowrank, bias, layer.aser_out_features,
             layer.aser_act_bits,
         )
+
+
+def _amx_int8_available(n: int, k: int, act_dtype: torch.dtype, act_bits: int) -> bool:
+    """vLLM's AMX int8 kernel: 8-bit symmetric per-token activations, 16-bit activation dtype, and the shapes
+    vLLM itself accepts for it (check_cpu_sgl_kernel: AMX present, K % 32 == 0, N % 16 == 0), with N a multiple
+    of 32: its int8 weight packing (convert_weight_packed) rejects N = 16 mod 32."""
+    if act_bits != 8 or act_dtype not in (torch.bfloat16, torch.float16) or os.environ.get(NO_AMX_ENV_VAR) == "1":
+        return False
+    if not (hasattr(torch.ops._C, "int8_scaled_mm_with_quant") and hasattr(torch.ops._C, "convert_weight_packed")):
+        return False
+    from vllm.model_executor.layers.utils import check_cpu_sgl_kernel
+
+    return n % 32 == 0 and check_cpu_sgl_kernel(n, k, torch.int8)
 
 
 class CUDAKernel:

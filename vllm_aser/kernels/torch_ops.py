@@ -45,16 +45,35 @@ def quantize_per_token(x: torch.Tensor, act_bits: int) -> tuple[torch.Tensor, to
     return torch.clamp(torch.round(x.float() / scale), -qmax, qmax).to(torch.int8), scale
 
 
+# Rows up to which the low-rank branch runs in float32 on CPU; above it, in the activation dtype. On AMX CPUs a
+# float32 rank-16 branch is 2-4x faster than a bf16 one for a few rows (bf16 GEMMs have a ~40 us floor there) and
+# 2-5x slower from 64 rows on (benchmarks/profile_cpu_linear.py).
+CPU_FLOAT32_LOWRANK_MAX_ROWS = 32
+
+
+def _add_lowrank(out: torch.Tensor, x: torch.Tensor, down, up, down_lp, up_lp) -> None:
+    if down is None:
+        return
+    if down_lp is None or x.shape[0] <= CPU_FLOAT32_LOWRANK_MAX_ROWS:
+        # cast before adding: a mixed-dtype in-place add is several times slower than cast + add
+        out.add_(torch.mm(torch.mm(x.float(), down), up).to(out.dtype))
+    else:  # the up-projection accumulates into the output inside the GEMM: no [M, out] temporary
+        out.addmm_(torch.mm(x, down_lp), up_lp)
+
+
 def cpu_linear(
     x: torch.Tensor,
     dnnl_handler: torch.Tensor,
     inv_smooth: torch.Tensor | None,
-    down: torch.Tensor | None,  # float32 [in, r]
+    down: torch.Tensor | None,  # float32 [in, r] (transposed)
     up: torch.Tensor | None,  # float32 [r, out]
+    down_lp: torch.Tensor | None,  # the same in the activation dtype; None when that is float32
+    up_lp: torch.Tensor | None,
     bias: torch.Tensor | None,
     out_features: int,
     act_bits: int,
 ) -> torch.Tensor:
+    """oneDNN path: per-token quantization, then oneDNN's int8 GEMM with per-channel scales in its epilogue."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if inv_smooth is not None:
@@ -62,13 +81,40 @@ def cpu_linear(
     x_q, x_s = quantize_per_token(x2, act_bits)
     out = torch.empty((x2.shape[0], out_features), dtype=x.dtype)
     torch.ops._C.onednn_scaled_mm(out, x_q, x_s, None, None, bias, dnnl_handler)
-    if down is not None:  # float32 factors, stored transposed: down_t [in, r], up_t [r, out]
-        out.add_(torch.mm(torch.mm(x2.float(), down), up))
+    _add_lowrank(out, x2, down, up, down_lp, up_lp)
     return out.reshape(*shape[:-1], out_features)
 
 
-def _cpu_fake(x, dnnl_handler, inv_smooth, down, up, bias, out_features, act_bits) -> torch.Tensor:
+def _cpu_fake(x, dnnl_handler, inv_smooth, down, up, down_lp, up_lp, bias, out_features, act_bits) -> torch.Tensor:
     return _out_like(x, out_features)
+
+
+def cpu_amx_linear(
+    x: torch.Tensor,
+    packed_weight: torch.Tensor,  # int8 codes in the AMX VNNI layout (convert_weight_packed)
+    weight_scale: torch.Tensor,  # float32 [out], per channel
+    inv_smooth: torch.Tensor | None,
+    down: torch.Tensor | None,
+    up: torch.Tensor | None,
+    down_lp: torch.Tensor | None,
+    up_lp: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """AMX path (8-bit activations): vLLM's fused dynamic per-token int8 quantization + AMX int8 GEMM, the
+    kernel its in-tree W8A8 uses on these CPUs."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if inv_smooth is not None:
+        x2 = x2 * inv_smooth
+    out = torch.ops._C.int8_scaled_mm_with_quant(
+        x2, packed_weight, weight_scale, None if bias is None else bias.float(), x.dtype, True
+    )
+    _add_lowrank(out, x2, down, up, down_lp, up_lp)
+    return out.reshape(*shape[:-1], out.shape[-1])
+
+
+def _cpu_amx_fake(x, packed_weight, weight_scale, inv_smooth, down, up, down_lp, up_lp, bias) -> torch.Tensor:
+    return _out_like(x, weight_scale.shape[0])
 
 
 def cuda_linear(
@@ -96,4 +142,5 @@ def _cuda_fake(x, packed, scale, inv_smooth, down, up_t, bias, group_size, in_fe
 
 direct_register_custom_op("reference_linear", reference_linear, [], _reference_fake, target_lib=_LIB)
 direct_register_custom_op("cpu_linear", cpu_linear, [], _cpu_fake, target_lib=_LIB)
+direct_register_custom_op("cpu_amx_linear", cpu_amx_linear, [], _cpu_amx_fake, target_lib=_LIB)
 direct_register_custom_op("cuda_linear", cuda_linear, [], _cuda_fake, target_lib=_LIB)
