@@ -38,6 +38,8 @@ SHAPES = {  # name -> (N, K) of y = x W^T
 SMOKE_SHAPES = {"smoke": {"a": (40, 72), "b": (96, 136)}}
 MS = (1, 16, 64, 256, 1024, 4096)
 RANK = 64
+METHODS = ("fp16", "w8a8", "w4a8", "aser")
+PARTS = ("aser_quant", "aser_gemm")  # the two kernels of `aser`, timed alone
 L2_FLUSH_BYTES = 256 << 20  # rotate through at least this much memory per method (H100 L2: 50 MB)
 
 
@@ -46,11 +48,38 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_calls(fns: list, device: str, warmup: int, iters: int) -> float:
-    """Median microseconds of one call, cycling through `fns` (each bound to different buffers)."""
-    for i in range(warmup):
+def time_calls(fns: list, device: str, warmup: int, iters: int, graphs: bool = False) -> float:
+    """Median microseconds of one call, cycling through `fns` (each bound to different buffers).
+
+    With `graphs`, the calls are captured in one CUDA graph whose replays are timed (per call): that is how vLLM
+    runs decode-sized batches, and it keeps the Python launch cost of small kernels out of the GPU time.
+    """
+    for i in range(max(warmup, len(fns))):  # also runs the autotuner before any capture
         fns[i % len(fns)]()
     sync(device)
+    if graphs and device == "cuda":
+        # one graph replays `calls` calls (cycling the buffer sets): the replay's own launch cost is shared out
+        calls = max(len(fns), 20)
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            with torch.cuda.graph(graph, stream=stream):
+                for i in range(calls):
+                    fns[i % len(fns)]()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph.replay()
+        sync(device)
+        times = []
+        for _ in range(max(5, iters // 5)):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3 / calls)
+        del graph
+        return statistics.median(times)
     times = []
     for i in range(iters):
         fn = fns[i % len(fns)]
@@ -78,7 +107,8 @@ def device_peaks(device: str) -> dict:
     a = torch.randn(8192, 8192, dtype=torch.float16, device=device)
     mm_us = time_calls([lambda: a @ a], device, 3, 20)
     ai = torch.randint(-127, 127, (8192, 8192), dtype=torch.int8, device=device)
-    imm_us = time_calls([lambda: torch._int_mm(ai, ai)], device, 3, 20)
+    bi = torch.randint(-127, 127, (8192, 8192), dtype=torch.int8, device=device).t()  # column-major: cuBLASLt's fast path
+    imm_us = time_calls([lambda: torch._int_mm(ai, bi)], device, 3, 20)
     n = 8192
     return {"copy_gbps": 2 * src.numel() / us / 1e3, "fp16_tflops": 2 * n**3 / mm_us / 1e6,
             "int8_tops": 2 * n**3 / imm_us / 1e6}
@@ -88,7 +118,8 @@ def copies_for(nbytes: int, smoke: bool) -> int:
     return 1 if smoke else max(2, min(16, math.ceil(L2_FLUSH_BYTES / max(nbytes, 1))))
 
 
-def bench_shape(n: int, k: int, m: int, device: str, smoke: bool, warmup: int, iters: int) -> dict:
+def bench_shape(n: int, k: int, m: int, device: str, smoke: bool, warmup: int, iters: int,
+                graphs: bool) -> dict:
     g = torch.Generator(device="cpu").manual_seed(m * 7 + n + k)
     dtype = torch.float16 if device == "cuda" else torch.float32
     q = torch.randint(-7, 8, (n, k), dtype=torch.int8, generator=g)
@@ -102,7 +133,7 @@ def bench_shape(n: int, k: int, m: int, device: str, smoke: bool, warmup: int, i
     weights = [tk.pack_int4_kn(q.to(device), scale.to(device), -1)
                for _ in range(copies_for(n * k // 2, smoke))]
     fp_ws = [w_fp.to(device) for _ in range(copies_for(n * k * 2, smoke))]
-    i8_ws = [q.t().contiguous().to(device) for _ in range(copies_for(n * k, smoke))]
+    i8_ws = [q.to(device).t() for _ in range(copies_for(n * k, smoke))]  # [K, N] column-major, as vLLM passes it
     xs = [torch.randn(m, k, generator=g).to(dtype).to(device) for _ in range(4)]
     inv_smooth, down, up_t, w_scale = (t.to(device) for t in (inv_smooth, down, up.t().contiguous(),
                                                                scale.reshape(1, n).float()))
@@ -121,12 +152,18 @@ def bench_shape(n: int, k: int, m: int, device: str, smoke: bool, warmup: int, i
         w = weights[i % len(weights)]
         if method == "w4a8":
             return lambda: tk.aser_linear_triton(x, w, inv_smooth, None, None, None)
+        if method == "aser_quant":  # kernel 1 alone
+            return lambda: tk.smooth_quant_lowrank(x, inv_smooth, down)
+        if method == "aser_gemm":  # kernel 2 alone, on kernel 1's outputs
+            xq, xsc, t = parts[i % len(parts)]
+            return lambda: tk.w4a8_gemm(xq, xsc, w, t, up_t, None, dtype)
         return lambda: tk.aser_linear_triton(x, w, inv_smooth, down, up_t, None)
 
+    parts = [tk.smooth_quant_lowrank(x, inv_smooth, down) for x in xs]
     row = {"n": n, "k": k, "m": m, "rank": rank}
     count = max(len(weights), len(fp_ws), len(i8_ws), len(xs))
-    for method in ("fp16", "w8a8", "w4a8", "aser"):
-        row[f"{method}_us"] = time_calls([make(method, i) for i in range(count)], device, warmup, iters)
+    for method in METHODS + PARTS:
+        row[f"{method}_us"] = time_calls([make(method, i) for i in range(count)], device, warmup, iters, graphs)
     # correctness of the timed kernel on this shape (against a dequantized torch computation)
     x = xs[0]
     ref = ((x.float() * inv_smooth) @ (q.float() * scale).t().to(device)
@@ -141,10 +178,32 @@ def bench_shape(n: int, k: int, m: int, device: str, smoke: bool, warmup: int, i
     return row
 
 
+def compiled_report() -> list[dict]:
+    """Registers, spills, shared memory and the matrix instructions of every kernel variant compiled so far."""
+    report = []
+    for fn in (tk._w4a8_gemm_kernel, tk._smooth_quant_lowrank_kernel):
+        for cache in getattr(fn, "device_caches", {}).values():
+            for kernel in cache[0].values():
+                ptx = kernel.asm.get("ptx", "") if hasattr(kernel, "asm") else ""
+                src = getattr(kernel, "src", None)
+                consts = getattr(src, "constants", {}) if src is not None else {}
+                blocks = {str(k[-1] if isinstance(k, tuple) else k): v for k, v in consts.items()
+                          if "BLOCK" in str(k) or "GROUP" in str(k) or "HAS_" in str(k)}
+                report.append({
+                    "kernel": fn.__name__, "constexprs": {k: str(v) for k, v in blocks.items()},
+                    "num_warps": getattr(kernel.metadata, "num_warps", None),
+                    "num_stages": getattr(kernel.metadata, "num_stages", None),
+                    "shared_bytes": getattr(kernel.metadata, "shared", None),
+                    "n_regs": getattr(kernel, "n_regs", None), "n_spills": getattr(kernel, "n_spills", None),
+                    "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync"),
+                })
+    return report
+
+
 def summarize(rows: list[dict], peaks: dict) -> list[dict]:
     flat = []
     for r in rows:
-        for method in ("fp16", "w8a8", "w4a8", "aser"):
+        for method in METHODS:
             us = r[f"{method}_us"]
             tbps = r["bytes"][method] / us / 1e6
             flat.append({
@@ -154,6 +213,8 @@ def summarize(rows: list[dict], peaks: dict) -> list[dict]:
                 "pct_copy_bw": round(100 * tbps * 1e3 / peaks["copy_gbps"], 1) if peaks["copy_gbps"] == peaks["copy_gbps"] else None,
                 "lowrank_overhead_pct": round(100 * (r["aser_us"] / r["w4a8_us"] - 1), 1) if method == "aser" else None,
                 "rel_err": round(r["aser_rel_err_vs_unquantized_act"], 5) if method == "aser" else None,
+                "quant_us": round(r["aser_quant_us"], 2) if method == "aser" else None,
+                "gemm_us": round(r["aser_gemm_us"], 2) if method == "aser" else None,
             })
     return flat
 
@@ -197,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="*", default=list(SHAPES), help="subset of " + ", ".join(SHAPES))
     p.add_argument("--ms", type=int, nargs="*", default=list(MS))
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--eager", action="store_true", help="time plain launches instead of CUDA-graph replays")
     p.add_argument("--plot", type=Path, help="only draw the PNG of an existing JSON")
     args = p.parse_args(argv)
     if args.plot:
@@ -215,21 +277,34 @@ def main(argv: list[str] | None = None) -> int:
           f"int8 _int_mm {peaks['int8_tops']:.0f} TOP/s", flush=True)
     rows = []
     print(f"{'model':15s} {'layer':8s} {'N':>6s} {'K':>6s} {'M':>5s} | {'fp16 us':>8s} {'w8a8':>6s} {'w4a8':>6s} "
-          f"{'aser':>6s} (x fp16) | LR cost | rel err")
+          f"{'aser':>6s} (x fp16) | LR cost | quant/gemm us | rel err")
     for model, layers in shapes.items():
         for layer, (n, k) in layers.items():
             for m in ms:
-                r = bench_shape(n, k, m, device, args.smoke, warmup, iters) | {"model": model, "layer": layer}
+                r = bench_shape(n, k, m, device, args.smoke, warmup, iters, not args.eager) | {
+                    "model": model, "layer": layer}
                 rows.append(r)
                 ratio = lambda meth: r["fp16_us"] / r[f"{meth}_us"]  # noqa: E731
                 print(f"{model:15s} {layer:8s} {n:6d} {k:6d} {m:5d} | {r['fp16_us']:8.1f} {ratio('w8a8'):6.2f} "
                       f"{ratio('w4a8'):6.2f} {ratio('aser'):6.2f}          | "
-                      f"{100 * (r['aser_us'] / r['w4a8_us'] - 1):+6.1f}% | {r['aser_rel_err_vs_unquantized_act']:.4f}",
+                      f"{100 * (r['aser_us'] / r['w4a8_us'] - 1):+6.1f}% | "
+                      f"{r['aser_quant_us']:6.1f}/{r['aser_gemm_us']:7.1f} | {r['aser_rel_err_vs_unquantized_act']:.4f}",
                       flush=True)
     flat = summarize(rows, peaks)
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"device": name, "torch": torch.__version__, "triton": __import__("triton").__version__,
-               "peaks": peaks, "rank": RANK, "results": flat}
+               "timing": "eager launches" if args.eager else "CUDA graph replays", "peaks": peaks, "rank": RANK,
+               "gemm_configs": tk.tuned_configs(), "compiled": compiled_report() if device == "cuda" else [],
+               "results": flat}
+    seen = set()
+    for c in payload["compiled"]:
+        line = (f"{c['kernel'][1:12]} {'x'.join(v for k, v in c['constexprs'].items() if k.startswith('BLOCK_'))} "
+                f"w{c['num_warps']} s{c['num_stages']}: regs {c['n_regs']} spills {c['n_spills']} "
+                f"smem {c['shared_bytes']} wgmma {c['wgmma']} mma.sync {c['mma_sync']}")
+        if line not in seen:
+            seen.add(line)
+            print(line)
+    print(f"packed PTX unpacking: {'on' if tk._use_asm() else 'off'}")
     json_path = args.out / "gpu_kernels.json"
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     with (args.out / "gpu_kernels.csv").open("w", newline="") as fh:

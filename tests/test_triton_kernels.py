@@ -54,7 +54,7 @@ def to_dev(*tensors):
 
 @pytest.mark.parametrize("m", [1, 7, 33, 257])
 @pytest.mark.parametrize("k,n,rank,group", [(72, 40, 8, -1), (200, 104, 24, -1), (136, 72, 16, 128),
-                                            (96, 50, 0, 32), (160, 88, 40, 16)])
+                                            (96, 50, 0, 64), (160, 88, 40, 64)])
 def test_aser_linear_matches_reference(tk, m, k, n, rank, group):
     dtype = torch.float16 if ON_CUDA else torch.float32
     q, scale, inv_smooth, down, up, bias = random_layer(n, k, rank, group, dtype, seed=m + k)
@@ -95,21 +95,22 @@ def test_activation_codes_and_scales(tk, act_bits):
 
 
 def test_packing_round_trip(tk):
-    q = torch.randint(-7, 8, (19, 45), dtype=torch.int8)
+    q = torch.randint(-8, 8, (19, 45), dtype=torch.int8)
     packed = tk.pack_int4_kn(q, torch.ones(19, 1), -1).packed
-    assert packed.shape == (6, 19) and packed.dtype == torch.int32  # ceil(45 / 8) rows, K-major
-    shifts = torch.arange(8, dtype=torch.int32) * 4
-    nibbles = (packed.t()[:, :, None] >> shifts) & 0xF
-    assert torch.equal((nibbles.reshape(19, -1) - 8)[:, :45].to(torch.int8), q)
-    assert int((nibbles.reshape(19, -1) - 8)[:, 45:].abs().max()) == 0  # padding decodes to zero
+    assert packed.shape == (32, 19) and packed.dtype == torch.uint8  # one 64-wide unit: 32 byte rows, K-major
+    lo, hi = (packed.t().to(torch.int16) & 0xF), (packed.t().to(torch.int16) >> 4)
+    codes = torch.cat([lo, hi], dim=1)  # low nibbles hold k = 0..31, high nibbles k = 32..63
+    codes = torch.where(codes >= 8, codes - 16, codes)  # 4-bit two's complement
+    assert torch.equal(codes[:, :45].to(torch.int8), q)
+    assert int(codes[:, 45:].abs().max()) == 0  # padding decodes to zero
 
 
 def test_group_size_must_suit_the_kernel(tk):
-    with pytest.raises(ValueError, match="multiple of 16"):
-        tk.pack_int4_kn(torch.zeros(4, 48, dtype=torch.int8), torch.ones(4, 2), 24)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        tk.pack_int4_kn(torch.zeros(4, 96, dtype=torch.int8), torch.ones(4, 3), 32)
 
 
-@pytest.mark.parametrize("group", [-1, 32])
+@pytest.mark.parametrize("group", [-1, 64])
 def test_cuda_kernel_glue_matches_reference_kernel(tk, group):
     """The plugin's `cuda` kernel (weight re-layout at load + the custom op) against its `reference` kernel."""
     from torch import nn
@@ -124,7 +125,7 @@ def test_cuda_kernel_glue_matches_reference_kernel(tk, group):
         layer.aser_act_dtype, layer.aser_out_features, layer.aser_act_bits = torch.float32, 72, 8
         kernel.prepare(layer, *to_dev(q, scale, inv_smooth, down, up), group)
         outputs.append(kernel.apply(layer, *to_dev(x, bias)).cpu())
-    assert rel_err(outputs[0], outputs[1]) < 1e-5
+    assert rel_err(outputs[0], outputs[1]) < (2e-3 if ON_CUDA else 1e-5)  # CUDA: float32 dots run as TF32
 
 
 def test_gpu_benchmark_script_runs(tmp_path):

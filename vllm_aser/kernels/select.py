@@ -100,10 +100,10 @@ class CUDAKernel:
     description = "Triton: fused smoothing + per-token int8 + low-rank down, int8 x packed-int4 GEMM with fused epilogue"
 
     def prepare(self, layer, q, scale, inv_smooth, down, up, group_size: int) -> None:
-        from vllm_aser.kernels.triton_w4a8 import pack_int4_kn
+        from vllm_aser.kernels.triton_w4a8 import UNIT, pack_int4_kn
 
-        if group_size != -1 and group_size % 16:
-            raise ValueError(f"the cuda kernel needs a weight group size that is a multiple of 16 (this model has "
+        if group_size != -1 and group_size % UNIT:
+            raise ValueError(f"the cuda kernel needs a weight group size that is a multiple of {UNIT} (this model has "
                              f"{group_size}): re-quantize with --group-size 128, or set {ENV_VAR}=reference")
         weight = pack_int4_kn(q, scale, group_size)
         act_dtype = layer.aser_act_dtype
