@@ -304,7 +304,6 @@ def main(argv: list[str] | None = None) -> int:
         if line not in seen:
             seen.add(line)
             print(line)
-    print(f"packed PTX unpacking: {'on' if tk._use_asm() else 'off'}")
     json_path = args.out / "gpu_kernels.json"
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     with (args.out / "gpu_kernels.csv").open("w", newline="") as fh:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -225,13 +224,6 @@ def pack_int4_kn(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> Packe
     return PackedW4(packed.t().contiguous(), scale.float().t().contiguous(), max(group_size, 0), k, n)
 
 
-_ASM_STATE = {"ok": not INTERPRET}
-
-
-def _use_asm() -> bool:
-    return _ASM_STATE["ok"]
-
-
 def _pow2(v: int, low: int = 16) -> int:
     return max(low, triton.next_power_of_2(v))
 
@@ -279,13 +271,9 @@ def w4a8_gemm(
     xq: torch.Tensor, xs: torch.Tensor, weight: PackedW4, t: torch.Tensor | None = None,
     up_t: torch.Tensor | None = None, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
 ) -> torch.Tensor:
-    """int8 [M, K] x PackedW4 -> out_dtype [M, N]; adds t @ up_t [R, N] and bias when given.
-
-    t is [M, R] or the partial sums [S, M, R] that `smooth_quant_lowrank` writes.
-    """
+    """int8 [M, K] x PackedW4 -> out_dtype [M, N]; adds (sum over S of t [S, M, R]) @ up_t [R, N] and bias when
+    given (t: the partial sums that `smooth_quant_lowrank` writes)."""
     m, k = xq.shape
-    if t is not None and t.dim() == 2:
-        t = t.unsqueeze(0)
     if k != weight.in_features:
         raise ValueError(f"activation has {k} features, weight expects {weight.in_features}")
     n = weight.out_features
@@ -298,21 +286,13 @@ def w4a8_gemm(
         up_t.stride(0) if r else 0, c.stride(0),
     )
     flags = dict(GROUP_SIZE=weight.group_size, HAS_LOWRANK=bool(r), HAS_BIAS=bias is not None, DOT_F32=INTERPRET,
-                 USE_ASM=_use_asm(), BLOCK_R=_pow2(r))
+                 USE_ASM=not INTERPRET, BLOCK_R=_pow2(r))
     if INTERPRET:
         _w4a8_gemm_kernel[(triton.cdiv(m, 16) * triton.cdiv(n, 32),)](
             *args, **flags, BLOCK_M=16, BLOCK_N=32, BLOCK_K=UNIT, GROUP_M=4)
     else:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        try:
-            _w4a8_gemm_tuned[grid](*args, **flags)
-        except Exception as exc:  # noqa: BLE001  (a Triton without packed inline PTX: plain unpacking instead)
-            if not flags["USE_ASM"]:
-                raise
-            warnings.warn(f"ASER cuda kernel: packed PTX unpacking failed to compile ({type(exc).__name__}: {exc}); "
-                          "using plain Triton unpacking (slower)", stacklevel=2)
-            _ASM_STATE["ok"] = False
-            _w4a8_gemm_tuned[grid](*args, **(flags | {"USE_ASM": False}))
+        _w4a8_gemm_tuned[grid](*args, **flags)
     return c
 
 
