@@ -4,9 +4,7 @@ runs for the same layer unquantized (BF16, oneDNN with a prepacked weight) and i
 Stages of the `cpu` kernel: smoothing (x * 1/s); the int8 GEMM (AMX with fused per-token quantization where the
 CPU and shape allow, as vLLM's W8A8 on these CPUs; else oneDNN's, with its quantization measured apart); the
 low-rank branch (x down^T, then out += t up^T: float32 up to CPU_FLOAT32_LOWRANK_MAX_ROWS rows, bf16 above).
-`aser op` is the whole custom op as vLLM calls it (on AMX, the down-projection runs inside the int8 GEMM as
-extra output channels); `unfused op` the same with VLLM_ASER_CPU_SEPARATE_LOWRANK=1 (both low-rank GEMMs apart, as
-`int8mm` + `lowrank`); `oneDNN op` with VLLM_ASER_CPU_NO_AMX=1.
+`aser op` is the whole custom op as vLLM calls it; `oneDNN op` the same with VLLM_ASER_CPU_NO_AMX=1.
 Shapes: SmolLM2-135M's fused linears and a ~1B Llama's; bf16 activations; median of repeated calls.
 
     python benchmarks/profile_cpu_linear.py [--rank 16] [--ms 1 16 64 256 1024]
@@ -47,14 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from vllm import _custom_ops as ops
 
-    from vllm_aser.kernels.select import NO_AMX_ENV_VAR, SEPARATE_LOWRANK_ENV_VAR, CPUKernel
+    from vllm_aser.kernels.select import NO_AMX_ENV_VAR, CPUKernel
     from vllm_aser.kernels.torch_ops import _add_lowrank
 
     torch.manual_seed(0)
     dt = torch.bfloat16
     print(f"torch threads: {torch.get_num_threads()}; rank {args.rank}; times in microseconds (median)")
     print(f"{'shape':16s} {'M':>5s} | {'bf16':>8s} {'w8a8':>8s} | {'smooth':>7s} {'int8mm':>8s} {'lowrank':>7s} | "
-          f"{'aser op':>8s} {'unfused op':>10s} {'oneDNN op':>9s} | {'op/bf16':>7s} {'op/w8a8':>7s} {'LR/mm':>6s}")
+          f"{'aser op':>8s} {'oneDNN op':>9s} | {'op/bf16':>7s} {'op/w8a8':>7s} {'LR/mm':>6s}")
     kernel = CPUKernel()
     for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k).to(dt) * 0.02
@@ -63,14 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         inv_smooth = torch.rand(k) + 0.5
         down, up = torch.randn(args.rank, k) * 0.02, torch.randn(n, args.rank) * 0.02
         layers = {}
-        for variant, env in {True: {}, "unfused": {SEPARATE_LOWRANK_ENV_VAR: "1"}, False: {NO_AMX_ENV_VAR: "1"}}.items():
+        for amx in (True, False):
             layer = torch.nn.Module()
             layer.aser_act_dtype, layer.aser_out_features, layer.aser_act_bits = dt, n, 8
-            os.environ.update(env)
+            os.environ[NO_AMX_ENV_VAR] = "0" if amx else "1"
             kernel.prepare(layer, q, scale, inv_smooth, down, up, -1)
-            for name_ in env:
-                os.environ.pop(name_)
-            layers[variant] = layer
+            layers[amx] = layer
+        os.environ.pop(NO_AMX_ENV_VAR)
         amx_layer = layers[True] if layers[True].aser_amx else None
         bf16 = ops.create_onednn_mm(w.t(), 32)  # what vLLM runs for an unquantized linear of this size
         packed = torch.ops._C.convert_weight_packed(q) if amx_layer is not None else None
@@ -96,10 +93,9 @@ def main(argv: list[str] | None = None) -> int:
                 t_w8a8 = t_mm = median_us(onednn_mm, args.reps)
             t_lr = median_us(lambda: _add_lowrank(out, xs, *lowrank), args.reps)
             t_op = median_us(lambda: kernel.apply(layers[True], x, None), args.reps)
-            t_unfused = median_us(lambda: kernel.apply(layers["unfused"], x, None), args.reps)
             t_dnnl = median_us(lambda: kernel.apply(layers[False], x, None), args.reps)
             print(f"{name:16s} {m:5d} | {t_bf16:8.1f} {t_w8a8:8.1f} | {t_smooth:7.1f} {t_mm:8.1f} {t_lr:7.1f} | "
-                  f"{t_op:8.1f} {t_unfused:10.1f} {t_dnnl:9.1f} | {t_bf16 / t_op:7.2f} {t_w8a8 / t_op:7.2f} {t_lr / t_mm:6.2f}",
+                  f"{t_op:8.1f} {t_dnnl:9.1f} | {t_bf16 / t_op:7.2f} {t_w8a8 / t_op:7.2f} {t_lr / t_mm:6.2f}",
                   flush=True)
     return 0
 

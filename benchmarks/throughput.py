@@ -37,9 +37,6 @@ METHODS = {  # name -> aser-quantize options (None: the unquantized model itself
 # (VLLM_CPU_INT4_W4A8=1, its default); that kernel needs input sizes that are multiples of 128 and fails to load
 # SmolLM2 (hidden size 576). There the W4A16 row runs vLLM's weight-only int4 kernel instead.
 METHOD_ENV = {("smollm2", "w4a16"): {"VLLM_CPU_INT4_W4A8": "0"}}
-# Variants that serve another method's checkpoint with different kernel settings: the ASER model with the low-rank
-# down-projection as its own GEMM (the AMX path before it was folded into the int8 GEMM), for before/after figures.
-VARIANTS = {"aser-separate": ("aser", {"VLLM_ASER_CPU_SEPARATE_LOWRANK": "1"})}
 
 
 def sh(cmd: list[str], log: Path, env: dict | None = None, timeout: int = 7200) -> str:
@@ -81,8 +78,6 @@ def prepare(model: str, assets: dict, cache: Path, log: Path) -> dict[str, Path]
             print(f"  quantizing {model} -> {method}", flush=True)
             sh(["aser-quantize", str(source), str(out), "--calib", calib, "--quiet", *extra, *options], log)
         dirs[method] = out
-    for variant, (method, _) in VARIANTS.items():
-        dirs[variant] = dirs[method]
     return dirs
 
 
@@ -144,7 +139,7 @@ def plot(results: dict) -> None:
     for ax, model in zip(axes[0], models):
         runs = results[model]["runs"]
         workloads = sorted({k.split("@")[1] for k in runs})
-        methods = [m for m in (*METHODS, *VARIANTS) if any(k.startswith(m + "@") for k in runs)]
+        methods = [m for m in METHODS if any(k.startswith(m + "@") for k in runs)]
         width = 0.8 / max(len(methods), 1)
         for i, method in enumerate(methods):
             ratios = [runs[f"{method}@{w}"]["tokens_per_s"] / runs[f"bf16@{w}"]["tokens_per_s"]
@@ -162,12 +157,11 @@ def plot(results: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="*", default=["smollm2"], choices=["smollm2", "llama-1b-random"])
-    p.add_argument("--only", help="comma-separated methods (default: " + ", ".join(METHODS) + "; also: "
-                   + ", ".join(VARIANTS) + ")")
+    p.add_argument("--only", help="comma-separated methods (default: all of " + ", ".join(METHODS) + ")")
     args = p.parse_args(argv)
     methods = args.only.split(",") if args.only else list(METHODS)
-    if unknown := [m for m in methods if m not in METHODS and m not in VARIANTS]:
-        p.error(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join([*METHODS, *VARIANTS])}")
+    if unknown := [m for m in methods if m not in METHODS]:
+        p.error(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
     assets = json.loads(subprocess.run([sys.executable, "examples/prepare_assets.py"], cwd=ROOT, check=True,
                                        capture_output=True, text=True).stdout)
     cache = Path(assets["model"]).parents[1] / "bench"
@@ -189,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             for workload in WORKLOADS:
                 key = f"{method}@{workload[0]}/{workload[1]}x{workload[2]}"
                 print(f"{model} {key}", flush=True)
-                env = METHOD_ENV.get((model, method)) or VARIANTS.get(method, (None, None))[1]
-                entry["runs"][key] = bench(dirs[method], method, workload, log, cache, env)
+                entry["runs"][key] = bench(dirs[method], method, workload, log, cache,
+                                           METHOD_ENV.get((model, method)))
                 print(f"  {entry['runs'][key]['tokens_per_s']:.1f} tokens/s", flush=True)
                 results_file.write_text(json.dumps(results, indent=2) + "\n")
     (OUT_DIR / "THROUGHPUT.md").write_text(render(results))

@@ -78,26 +78,3 @@ def test_3d_input_keeps_leading_dims():
     q = torch.randint(-7, 8, (16, 24), dtype=torch.int8)
     layer = make_layer(kernel, q, torch.full((16, 1), 0.01), torch.ones(24), None, None, -1, torch.float32, 8)
     assert kernel.apply(layer, torch.randn(2, 5, 24), None).shape == (2, 5, 16)
-
-
-def test_amx_path_folds_the_down_projection_into_the_int8_gemm(monkeypatch):
-    from vllm_aser.kernels.select import SEPARATE_LOWRANK_ENV_VAR, CPUKernel, ReferenceKernel
-
-    n, k, rank = 64, 96, 8
-    g = torch.Generator().manual_seed(5)
-    q = torch.randint(-7, 8, (n, k), dtype=torch.int8, generator=g)
-    args = (q, torch.rand(n, 1, generator=g) * 0.02 + 0.001, torch.rand(k, generator=g) + 0.5,
-            torch.randn(rank, k, generator=g) * 0.1, torch.randn(n, rank, generator=g) * 0.1, -1, torch.bfloat16, 8)
-    folded = make_layer(CPUKernel(), *args)
-    if not folded.aser_amx:
-        pytest.skip("no AMX int8 kernel in this vLLM build / CPU")
-    # D is 8 extra int8 output channels, padded to 32 (the AMX packing's multiple); the float copy is dropped
-    assert folded.aser_folded and folded.aser_down is None and folded.aser_weight_scale.shape == (n + 32,)
-    monkeypatch.setenv(SEPARATE_LOWRANK_ENV_VAR, "1")
-    unfused = make_layer(CPUKernel(), *args)
-    assert not unfused.aser_folded and unfused.aser_down is not None
-    x = (torch.randn(33, k, generator=g) * 3).to(torch.bfloat16)
-    ref = ReferenceKernel().apply(make_layer(ReferenceKernel(), *args), x, None).float()
-    # the branch now sees int8 activations and an int8 D: a little below the unfused path, far above 30 dB
-    assert sqnr_db(ref, CPUKernel().apply(folded, x, None).float()) > 35
-    assert sqnr_db(ref, CPUKernel().apply(unfused, x, None).float()) > 35

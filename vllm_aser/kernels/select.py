@@ -13,8 +13,6 @@ from vllm_aser.kernels.reference import dequantize_weight
 
 ENV_VAR = "VLLM_ASER_KERNEL"
 NO_AMX_ENV_VAR = "VLLM_ASER_CPU_NO_AMX"  # 1: the cpu kernel uses oneDNN's int8 GEMM even where AMX is there
-# 1: on the AMX path, run the low-rank down-projection as its own float GEMM instead of inside the int8 GEMM
-SEPARATE_LOWRANK_ENV_VAR = "VLLM_ASER_CPU_SEPARATE_LOWRANK"
 
 
 def _keep(layer: nn.Module, name: str, tensor: torch.Tensor | None) -> None:
@@ -40,8 +38,7 @@ class ReferenceKernel:
 class CPUKernel:
     name = "cpu"
     description = ("int4 unpacked to int8 at load; AMX int8 GEMM with fused per-token quantization where vLLM's "
-                   "CPU build has it and the shape allows (low-rank down-projection as extra int8 output "
-                   "channels), else oneDNN's; low-rank branch")
+                   "CPU build has it and the shape allows, else oneDNN's; low-rank branch")
 
     def prepare(self, layer, q, scale, inv_smooth, down, up, group_size: int) -> None:
         if group_size == -1:
@@ -52,13 +49,6 @@ class CPUKernel:
             weight = torch.round(dequant / channel_scale).clamp(-127, 127).to(torch.int8)
         act_dtype = layer.aser_act_dtype
         layer.aser_amx = _amx_int8_available(*weight.shape, act_dtype, layer.aser_act_bits)
-        layer.aser_folded = (layer.aser_amx and down is not None and down.shape[0] > 0
-                             and os.environ.get(SEPARATE_LOWRANK_ENV_VAR) != "1")
-        if layer.aser_folded:
-            down_q, down_scale = _down_as_int8_channels(down, multiple=32)
-            weight = torch.cat([weight, down_q])
-            channel_scale = torch.cat([channel_scale.reshape(-1), down_scale])
-            down = None  # lives in the int8 weight now
         if layer.aser_amx:
             _keep(layer, "aser_weight_packed", torch.ops._C.convert_weight_packed(weight.contiguous()))
             _keep(layer, "aser_weight_scale", channel_scale.reshape(-1).contiguous())
@@ -76,17 +66,11 @@ class CPUKernel:
         # few rows) and in the activation dtype (fastest for many rows): see CPU_FLOAT32_LOWRANK_MAX_ROWS.
         _keep(layer, "aser_down", None if down is None else down.float().t().contiguous())
         _keep(layer, "aser_up", None if up is None else up.float().t().contiguous())
-        low_precision = up is not None and act_dtype != torch.float32
-        _keep(layer, "aser_down_lp", down.to(act_dtype).t().contiguous() if low_precision and down is not None
-              else None)
+        low_precision = down is not None and act_dtype != torch.float32
+        _keep(layer, "aser_down_lp", down.to(act_dtype).t().contiguous() if low_precision else None)
         _keep(layer, "aser_up_lp", up.to(act_dtype).t().contiguous() if low_precision else None)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if layer.aser_folded:
-            return torch.ops.vllm_aser.cpu_amx_folded_linear(
-                x, layer.aser_weight_packed, layer.aser_weight_scale, layer.aser_inv_smooth, layer.aser_up,
-                layer.aser_up_lp, bias, layer.aser_out_features,
-            )
         lowrank = (layer.aser_down, layer.aser_up, layer.aser_down_lp, layer.aser_up_lp)
         if layer.aser_amx:
             return torch.ops.vllm_aser.cpu_amx_linear(
@@ -96,18 +80,6 @@ class CPUKernel:
             x, layer.aser_dnnl_handle, layer.aser_inv_smooth, *lowrank, bias, layer.aser_out_features,
             layer.aser_act_bits,
         )
-
-
-def _down_as_int8_channels(down: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The down factor [r, in] as int8 rows with per-row scales, zero-padded to a multiple of `multiple` rows
-    (the AMX packing needs output counts that are multiples of 32)."""
-    rank = down.shape[0]
-    rows = -(-rank // multiple) * multiple
-    down = down.float()
-    scale = (down.abs().amax(dim=1) / 127).clamp(min=1e-12)
-    codes = torch.zeros(rows, down.shape[1], dtype=torch.int8)
-    codes[:rank] = torch.round(down / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return codes, torch.cat([scale, torch.ones(rows - rank)])
 
 
 def _amx_int8_available(n: int, k: int, act_dtype: torch.dtype, act_bits: int) -> bool:

@@ -117,39 +117,6 @@ def _cpu_amx_fake(x, packed_weight, weight_scale, inv_smooth, down, up, down_lp,
     return _out_like(x, weight_scale.shape[0])
 
 
-def cpu_amx_folded_linear(
-    x: torch.Tensor,
-    packed_weight: torch.Tensor,  # AMX VNNI int8 codes of [W; D_q; 0]: the down factor as extra output channels
-    weight_scale: torch.Tensor,  # float32 [out + r_pad]: W's channel scales, then D's row scales
-    inv_smooth: torch.Tensor | None,
-    up: torch.Tensor,  # float32 [r, out]
-    up_lp: torch.Tensor | None,  # the same in the activation dtype
-    bias: torch.Tensor | None,
-    out_features: int,
-) -> torch.Tensor:
-    """AMX path with the low-rank down-projection inside the int8 GEMM: one GEMM call gives both y_q = Q(x) W^T
-    and t = Q(x) D_q^T (int8 activations, D per-row int8), then y = y_q + t U^T. This saves the branch's first
-    small GEMM, whose fixed cost on CPU is comparable to the whole int8 GEMM at small sizes."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if inv_smooth is not None:
-        x2 = x2 * inv_smooth
-    n_extra = weight_scale.shape[0] - out_features
-    if bias is not None:
-        bias = torch.nn.functional.pad(bias.float(), (0, n_extra))
-    both = torch.ops._C.int8_scaled_mm_with_quant(x2, packed_weight, weight_scale, bias, x.dtype, True)
-    y, t = both[:, :out_features], both[:, out_features:out_features + up.shape[0]]
-    if up_lp is None or x2.shape[0] <= CPU_FLOAT32_LOWRANK_MAX_ROWS:
-        out = y + torch.mm(t.float(), up).to(y.dtype)
-    else:
-        out = torch.addmm(y, t, up_lp)
-    return out.reshape(*shape[:-1], out_features)
-
-
-def _cpu_amx_folded_fake(x, packed_weight, weight_scale, inv_smooth, up, up_lp, bias, out_features) -> torch.Tensor:
-    return _out_like(x, out_features)
-
-
 def cuda_linear(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -176,5 +143,4 @@ def _cuda_fake(x, packed, scale, inv_smooth, down, up_t, bias, group_size, in_fe
 direct_register_custom_op("reference_linear", reference_linear, [], _reference_fake, target_lib=_LIB)
 direct_register_custom_op("cpu_linear", cpu_linear, [], _cpu_fake, target_lib=_LIB)
 direct_register_custom_op("cpu_amx_linear", cpu_amx_linear, [], _cpu_amx_fake, target_lib=_LIB)
-direct_register_custom_op("cpu_amx_folded_linear", cpu_amx_folded_linear, [], _cpu_amx_folded_fake, target_lib=_LIB)
 direct_register_custom_op("cuda_linear", cuda_linear, [], _cuda_fake, target_lib=_LIB)
