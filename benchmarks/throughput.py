@@ -64,7 +64,9 @@ def prepare(model: str, assets: dict, cache: Path, log: Path) -> dict[str, Path]
 
         source = build_random_llama(cache / "llama-1b-random", Path(assets["model"]))
         calib = str(write_random_text(cache / "random-text.txt", source))
-        extra = ["--num-samples", "8", "--seq-len", "256"]  # random weights: the values do not matter here
+        # random weights: the values do not matter here, only the ranks; the RTN base because GPTQ with clipped
+        # scales ran past 35 minutes on this 2-core machine for the 1B model without finishing
+        extra = ["--num-samples", "8", "--seq-len", "256", "--base", "rtn", "--clip", "minmax"]
     dirs = {}
     for method, options in METHODS.items():
         if options is None:
