@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import re
 import shutil
 import subprocess
@@ -294,17 +293,6 @@ def plot_curve(results: dict) -> None:
     fig.savefig(OUT_DIR / "rank_curve.png")
 
 
-def machine() -> str:
-    cpu = ""
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import os
-
-    return f"{os.cpu_count()}-core {platform.machine()} CPU ({cpu}), no GPU" if cpu else platform.platform()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", help="regular expression: run only the rows whose id matches")
@@ -327,7 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(assets["model"]).parents[1] / "eval-work"
     work.mkdir(parents=True, exist_ok=True)
     log = work / "accuracy_table.log"
-    results["_machine"] = machine()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from machine import describe_machine
+
+    results["_machine"] = describe_machine()
     for row in selected:
         curve_needs_artifact = row.keep and not args.no_curve and not (work / row.id).exists() and any(
             str(r) not in results.get("_rank_curve", {}).get(row.args[row.args.index("--method") + 1], {})

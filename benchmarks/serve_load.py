@@ -113,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["aser-quantize", str(source), str(aser), "--calib", assets["calib"], "--quiet"], check=True)
     work = source.parents[1] / "bench"
     work.mkdir(parents=True, exist_ok=True)
-    results = {"_machine": f"{os.cpu_count()}-core CPU, no GPU"}
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from machine import describe_machine
+
+    results = {"_machine": describe_machine()}
     for name, model_dir in (("aser", aser), ("bf16", source)):
         results[name] = load_test(model_dir, name, args.concurrency, args.prompts_per_level, work)
     OUT_DIR.mkdir(parents=True, exist_ok=True)

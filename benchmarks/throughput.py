@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -112,11 +111,11 @@ def render(results: dict) -> str:
              "throughput`, random dataset, seed 0, `--dtype bfloat16`, default scheduler settings; each row is one "
              "engine (start-up = wall time of the command minus generation time). Ratios are to BF16 in the same "
              "run. Weight bytes: the model's safetensors files on disk (embeddings included).", "",
-             f"Machine: {results.get('_machine', 'unknown')}; vLLM {results.get('_vllm', '?')}.", ""]
+             f"vLLM {results.get('_vllm', '?')}.", ""]
     for model, per_model in results.items():
         if model.startswith("_"):
             continue
-        lines += [f"## {model}", "",
+        lines += [f"## {model}", "", f"Machine: {per_model.get('machine', 'not recorded')}.", "",
                   "| method | weight bytes | workload (in/out × prompts) | tokens/s | output tokens/s | × BF16 | "
                   "start-up |", "|---|---|---|---|---|---|---|"]
         for key, row in per_model["runs"].items():
@@ -173,13 +172,17 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     import vllm
 
-    results["_machine"] = (f"{os.cpu_count()}-core {platform.machine()} CPU, "
-                           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, no GPU")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from machine import describe_machine
+
+    results.pop("_machine", None)  # per model since the machine can differ between sessions
     results["_vllm"] = vllm.__version__
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     for model in args.models:
         dirs = prepare(model, assets, cache, log)
         entry = results.setdefault(model, {"runs": {}, "weight_bytes": {}})
+        if entry.get("machine") != describe_machine():  # rows from another CPU are not comparable: start afresh
+            entry.update(runs={}, weight_bytes={}, machine=describe_machine())
         for method in methods:
             entry["weight_bytes"][method] = weight_bytes(dirs[method])
             for workload in WORKLOADS:
