@@ -149,8 +149,11 @@ def plot(results: dict) -> None:
         ax.axhline(1.0, color="black", linewidth=1)
         ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(workloads))], workloads)
         ax.set_ylabel("tokens/s relative to BF16")
-        ax.set_title(model)
-        ax.legend()
+        ax.set_ylim(0, max(r["tokens_per_s"] / runs[f"bf16@{k.split('@')[1]}"]["tokens_per_s"]
+                           for k, r in runs.items() if f"bf16@{k.split('@')[1]}" in runs) * 1.3)
+        cpu = results[model].get("machine", "")
+        ax.set_title(f"{model}\n{cpu}", fontsize=9)
+        ax.legend(loc="upper center", ncol=len(methods), fontsize=8)
     fig.tight_layout()
     fig.savefig(OUT_DIR / "throughput.png")
 
