@@ -33,7 +33,10 @@ def layer():
 
 def test_gram_streaming_equals_batch(layer):
     _, x, stats, _ = layer
-    assert torch.allclose(stats.gram, x.double().t() @ x.double())
+    # each batch's product is float32 by design (speed), then summed in float64: compare at float32 precision
+    # relative to the Gram's scale (entries near zero cancel; their error depends on the CPU's GEMM blocking)
+    exact = x.double().t() @ x.double()
+    assert (stats.gram - exact).abs().max() <= 1e-5 * exact.abs().max()
     assert torch.allclose(stats.act_max, x.abs().amax(0))
     assert stats.tokens == 400
 
