@@ -47,10 +47,10 @@ def reference_logprobs(model_dir: Path, prompt_ids: list[int], ids: list[int]) -
 # Per-channel int4 is exact in the int8 GEMM (same integers, same scales): float32 rounding only, so the cpu
 # kernel must give the reference's tokens. Logprobs agree within 2e-3 on an Intel Xeon (AMX), 2.2e-3 on an AMD
 # EPYC (AVX-512 VNNI): oneDNN's float32 order differs by CPU and can move a per-token int8 rounding by one step.
-# Group scales are requantized to per-channel int8 at load (oneDNN takes per-channel scales only): each weight moves by up to half an int8 step, which can flip a near-tie between the
-# top two tokens of a random tiny model (seen: a 3e-4 logit gap). For that artifact, token identity is checked
-# with the reference kernel inside vLLM (loading: Qwen2, biases, group scales) and the cpu kernel's logprobs of
-# its own tokens are checked by teacher forcing.
+# Group scales are requantized to per-channel int8 at load (oneDNN takes per-channel scales only): each weight
+# moves by up to half an int8 step, which can flip a near-tie between the top two tokens of a random tiny model
+# (seen: a 3e-4 logit gap). For that artifact, token identity is checked with the reference kernel inside vLLM
+# (loading: Qwen2, biases, group scales) and the cpu kernel's logprobs of its own tokens by teacher forcing.
 @pytest.mark.parametrize(
     "artifact,kernel,exact_tokens,tolerance",
     [
