@@ -58,8 +58,7 @@ def prepare(model: str, assets: dict, cache: Path, log: Path) -> dict[str, Path]
     if model == "smollm2":
         source, calib, extra = Path(assets["model"]), assets["calib"], []
     else:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from random_llama import build_random_llama, write_random_text
+        from random_llama import build_random_llama, write_random_text  # benchmarks/ is on sys.path (main)
 
         source = build_random_llama(cache / "llama-1b-random", Path(assets["model"]))
         calib = str(write_random_text(cache / "random-text.txt", source))
@@ -142,17 +141,17 @@ def plot(results: dict) -> None:
         workloads = sorted({k.split("@")[1] for k in runs})
         methods = [m for m in METHODS if any(k.startswith(m + "@") for k in runs)]
         width = 0.8 / max(len(methods), 1)
+        top = 1.0
         for i, method in enumerate(methods):
             ratios = [runs[f"{method}@{w}"]["tokens_per_s"] / runs[f"bf16@{w}"]["tokens_per_s"]
                       if f"{method}@{w}" in runs and f"bf16@{w}" in runs else 0 for w in workloads]
+            top = max(top, *ratios)
             ax.bar([j + i * width for j in range(len(workloads))], ratios, width, label=method)
         ax.axhline(1.0, color="black", linewidth=1)
         ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(workloads))], workloads)
         ax.set_ylabel("tokens/s relative to BF16")
-        ax.set_ylim(0, max(r["tokens_per_s"] / runs[f"bf16@{k.split('@')[1]}"]["tokens_per_s"]
-                           for k, r in runs.items() if f"bf16@{k.split('@')[1]}" in runs) * 1.3)
-        cpu = results[model].get("machine", "")
-        ax.set_title(f"{model}\n{cpu}", fontsize=9)
+        ax.set_ylim(0, top * 1.3)  # room for the legend above the bars
+        ax.set_title(f"{model}\n{results[model].get('machine', '')}", fontsize=9)
         ax.legend(loc="upper center", ncol=len(methods), fontsize=8)
     fig.tight_layout()
     fig.savefig(OUT_DIR / "throughput.png")
@@ -179,13 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     from machine import describe_machine
 
     results.pop("_machine", None)  # per model since the machine can differ between sessions
+    machine = describe_machine()
     results["_vllm"] = vllm.__version__
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     for model in args.models:
         dirs = prepare(model, assets, cache, log)
         entry = results.setdefault(model, {"runs": {}, "weight_bytes": {}})
-        if entry.get("machine") != describe_machine():  # rows from another CPU are not comparable: start afresh
-            entry.update(runs={}, weight_bytes={}, machine=describe_machine())
+        if entry.get("machine") != machine:  # rows from another CPU are not comparable: start afresh
+            entry.update(runs={}, weight_bytes={}, machine=machine)
         for method in methods:
             entry["weight_bytes"][method] = weight_bytes(dirs[method])
             for workload in WORKLOADS:
