@@ -1,9 +1,12 @@
-"""The `cpu` kernel (AMX or oneDNN int8 GEMM + low-rank branch) against the plain-torch reference, odd shapes."""
+"""The `cpu` kernel against the plain-torch reference on odd shapes: the native W4A8 kernel on every ISA path this
+CPU can run (AVX2, AVX-512BW, AVX-512 VNNI; VLLM_ASER_CPU_ISA caps the path), and the int8 fallback."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+from vllm_aser.kernels import cpu_w4a8
 
 pytestmark = pytest.mark.vllm
 
@@ -13,68 +16,151 @@ def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     return float(10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum().clamp(min=1e-30)))
 
 
-def make_layer(kernel, q, scale, inv_smooth, down, up, group, dtype, act_bits):
+def make_layer(kernel, q, scale, inv_smooth, down, up, group, dtype, act_bits, bias=None):
     layer = torch.nn.Module()
     layer.aser_act_dtype, layer.aser_out_features, layer.aser_act_bits = dtype, q.shape[0], act_bits
+    layer.aser_weight_bits = 4
+    if bias is not None:
+        layer.bias = torch.nn.Parameter(bias, requires_grad=False)
     kernel.prepare(layer, q, scale, inv_smooth, down, up, group)
     return layer
 
 
-AMX_SHAPES = [(64, 96, -1), (32, 160, 32)]  # K % 32 == 0 and N % 32 == 0: the AMX int8 GEMM where the CPU has it
+def _reachable_isas() -> list[str]:
+    best = cpu_w4a8.ISAS.get(cpu_w4a8.cpu_isa()[0] or "", 0) if cpu_w4a8.extension_status()[0] else 0
+    return [name for name, level in cpu_w4a8.ISAS.items() if level <= best]
 
 
-@pytest.mark.parametrize("m", [1, 7, 33, 70])
-@pytest.mark.parametrize("n,k,group", [(37, 72, -1), (50, 136, 64), (24, 40, -1), *AMX_SHAPES])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rank,smooth,act_bits", [(8, True, 8), (0, False, 8), (16, True, 6)])
-def test_cpu_kernel_matches_reference(m, n, k, group, dtype, rank, smooth, act_bits):
-    from vllm_aser.kernels.select import CPUKernel, ReferenceKernel
+# Every native path goes in the list, whether or not this CPU runs it: an unreachable one skips with the reason
+# (CI covers the paths of the CPU it lands on; the lower paths always run on a better CPU).
+PATHS = [*cpu_w4a8.ISAS, "fallback"]
 
+
+@pytest.fixture
+def path(request, monkeypatch):
+    from vllm_aser.kernels.select import NO_NATIVE_ENV_VAR
+
+    name = request.param
+    if name == "fallback":
+        monkeypatch.setenv(NO_NATIVE_ENV_VAR, "1")
+    else:
+        assert cpu_w4a8.extension_status()[0], cpu_w4a8.extension_status()[1]  # the set-up builds it: never skip
+        if name not in _reachable_isas():
+            pytest.skip(f"this CPU has no {name} (best path: {cpu_w4a8.cpu_isa()[0]})")
+        monkeypatch.setenv(cpu_w4a8.ISA_ENV_VAR, name)
+    cpu_w4a8.cpu_isa.cache_clear()
+    yield name
+    cpu_w4a8.cpu_isa.cache_clear()
+
+
+def _case(m, n, k, group, rank, smooth, dtype, lowrank_dtype=torch.float16):
     g = torch.Generator().manual_seed(m * 1000 + n + k)
-    q = torch.randint(-7, 8, (n, k), dtype=torch.int8, generator=g)
+    q = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
     n_groups = 1 if group == -1 else -(-k // group)
     scale = torch.rand(n, n_groups, generator=g) * 0.02 + 0.001
     inv_smooth = torch.rand(k, generator=g) + 0.5 if smooth else torch.ones(k)
-    down = torch.randn(rank, k, generator=g) * 0.1 if rank else None
-    up = torch.randn(n, rank, generator=g) * 0.1 if rank else None
+    down = (torch.randn(rank, k, generator=g) * 0.1).to(lowrank_dtype) if rank else None
+    up = (torch.randn(n, rank, generator=g) * 0.1).to(lowrank_dtype) if rank else None
     bias = torch.randn(n, generator=g).to(dtype)
     x = (torch.randn(m, k, generator=g) * 3).to(dtype)
     x[0, 3] = 40.0  # an outlier token channel
+    return q, scale, inv_smooth, down, up, bias, x
 
+
+SHAPES = [(37, 72, -1), (50, 136, 64), (24, 40, -1), (64, 96, -1), (32, 160, 32), (17, 300, 128), (16, 8, 8)]
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("m", [1, 7, 33, 70])
+@pytest.mark.parametrize("n,k,group", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rank,smooth,act_bits", [(8, True, 8), (0, False, 8), (16, True, 6)])
+def test_cpu_kernel_matches_reference(path, m, n, k, group, dtype, rank, smooth, act_bits):
+    from vllm_aser.kernels.select import CPUKernel, ReferenceKernel
+
+    q, scale, inv_smooth, down, up, bias, x = _case(m, n, k, group, rank, smooth, dtype)
     ref_kernel, cpu_kernel = ReferenceKernel(), CPUKernel()
     ref = ref_kernel.apply(make_layer(ref_kernel, q, scale, inv_smooth, down, up, group, dtype, act_bits), x, bias)
-    out = cpu_kernel.apply(make_layer(cpu_kernel, q, scale, inv_smooth, down, up, group, dtype, act_bits), x, bias)
+    layer = make_layer(cpu_kernel, q, scale, inv_smooth, down, up, group, dtype, act_bits, bias)
+    assert layer.aser_cpu_path == ("native" if path != "fallback" else layer.aser_cpu_path)
+    out = cpu_kernel.apply(layer, x, bias)
     assert out.shape == (m, n) and out.dtype == dtype
-    # float32 per-channel: the same integers and scales, so only summation order differs, except where x / s_x
-    # lands within float rounding of a .5 boundary (one int8 step on one element; seen once at M = 70): > 60 dB.
-    # bf16: x / s is rounded to bf16 before the int8 quantizer, which moves some elements across a rounding
-    # boundary (one int8 step), plus bf16 output rounding (> 30 dB). Group scales are requantized to per-channel
-    # int8: up to half an int8 step per weight (> 35 dB in float32).
-    if dtype == torch.bfloat16:
+    # native: the same integers as the reference (x * inv_smooth and x / s_x in float32, round half to even), so
+    # only the summation order and the output rounding differ (measured on AMD EPYC AVX-512 VNNI: >= 81 dB in
+    # bf16, >= 96 dB in float32, every path). Fallback: x * inv_smooth is rounded to the activation dtype before
+    # the int8 quantizer (one int8 step on some elements in bf16, > 30 dB), and group scales are requantized to
+    # per-channel int8 (up to half an int8 step per weight, > 35 dB in float32).
+    if path != "fallback":
+        floor = 60 if dtype == torch.bfloat16 else 80
+    elif dtype == torch.bfloat16:
         floor = 30
     else:
         floor = 60 if group == -1 else 35
     assert sqnr_db(ref.float(), out.float()) > floor
 
 
+@pytest.mark.parametrize("path", [p for p in PATHS if p != "fallback"], indirect=True)
+def test_native_kernel_catches_a_dropped_branch_or_smoothing(path):
+    """Negative controls: the reference without the low-rank branch, or with another smoothing vector, must fall
+    far below the floor the kernel test asserts (so that test would catch either bug)."""
+    from vllm_aser.kernels.select import CPUKernel, ReferenceKernel
+
+    q, scale, inv_smooth, down, up, bias, x = _case(33, 50, 136, 64, 8, True, torch.float32)
+    ref_kernel, cpu_kernel = ReferenceKernel(), CPUKernel()
+    out = cpu_kernel.apply(make_layer(cpu_kernel, q, scale, inv_smooth, down, up, 64, torch.float32, 8, bias), x, bias)
+    no_branch = ref_kernel.apply(make_layer(ref_kernel, q, scale, inv_smooth, None, None, 64, torch.float32, 8), x,
+                                 bias)
+    other_smooth = inv_smooth * (1 + 0.05 * torch.randn(inv_smooth.shape, generator=torch.Generator().manual_seed(1)))
+    perturbed = ref_kernel.apply(make_layer(ref_kernel, q, scale, other_smooth, down, up, 64, torch.float32, 8), x,
+                                 bias)
+    assert sqnr_db(no_branch, out) < 40 and sqnr_db(perturbed, out) < 40
+
+
+def test_native_kernel_refuses_what_it_cannot_run():
+    """Layers the native kernel cannot take go to the int8 fallback, with the reason."""
+    if not cpu_w4a8.extension_status()[0]:
+        pytest.fail(cpu_w4a8.extension_status()[1])
+    assert cpu_w4a8.why_not(4, 8, 72, -1, None, None) is None
+    assert "8-bit weights" in cpu_w4a8.why_not(8, 8, 72, -1, None, None)
+    assert "group size 12" in cpu_w4a8.why_not(4, 8, 72, 12, None, None)
+    tiny = torch.full((2, 72), 1e-9)
+    assert "float16" in cpu_w4a8.why_not(4, 8, 72, -1, tiny, tiny.t())  # float32 factors fp16 cannot hold
+    assert cpu_w4a8.why_not(4, 8, 72, -1, tiny.half().float(), tiny.t().half().float()) is None
+
+
+def test_float32_lowrank_factors_fall_back_and_stay_right():
+    from vllm_aser.kernels.select import CPUKernel, ReferenceKernel
+
+    q, scale, inv_smooth, down, up, bias, x = _case(7, 37, 72, -1, 8, True, torch.float32, torch.float32)
+    ref_kernel, cpu_kernel = ReferenceKernel(), CPUKernel()
+    layer = make_layer(cpu_kernel, q, scale, inv_smooth, down, up, -1, torch.float32, 8)
+    assert layer.aser_cpu_path in ("amx", "onednn")
+    ref = ref_kernel.apply(make_layer(ref_kernel, q, scale, inv_smooth, down, up, -1, torch.float32, 8), x, bias)
+    assert sqnr_db(ref, cpu_kernel.apply(layer, x, bias)) > 60
+
+
 @pytest.mark.parametrize("n,k", [(64, 96), (48, 96), (37, 72)])
 def test_amx_path_taken_where_vllm_allows_it(n, k, monkeypatch):
     from vllm.model_executor.layers.utils import check_cpu_sgl_kernel
 
-    from vllm_aser.kernels.select import NO_AMX_ENV_VAR, CPUKernel
+    from vllm_aser.kernels.select import NO_AMX_ENV_VAR, NO_NATIVE_ENV_VAR, CPUKernel
 
+    monkeypatch.setenv(NO_NATIVE_ENV_VAR, "1")
     q = torch.randint(-7, 8, (n, k), dtype=torch.int8)
     args = (q, torch.full((n, 1), 0.01), torch.ones(k), None, None, -1, torch.bfloat16, 8)
-    assert make_layer(CPUKernel(), *args).aser_amx == (n % 32 == 0 and check_cpu_sgl_kernel(n, k, torch.int8))
+    amx = n % 32 == 0 and check_cpu_sgl_kernel(n, k, torch.int8)
+    assert make_layer(CPUKernel(), *args).aser_cpu_path == ("amx" if amx else "onednn")
     monkeypatch.setenv(NO_AMX_ENV_VAR, "1")
-    assert not make_layer(CPUKernel(), *args).aser_amx
-    assert not make_layer(CPUKernel(), *args[:-2], torch.float32, 8).aser_amx
+    assert make_layer(CPUKernel(), *args).aser_cpu_path == "onednn"
+    assert make_layer(CPUKernel(), *args[:-2], torch.float32, 8).aser_cpu_path == "onednn"
 
 
-def test_3d_input_keeps_leading_dims():
+@pytest.mark.parametrize("path", ["avx2", "fallback"], indirect=True)
+def test_3d_input_keeps_leading_dims(path):
     from vllm_aser.kernels.select import CPUKernel
 
     kernel = CPUKernel()
     q = torch.randint(-7, 8, (16, 24), dtype=torch.int8)
     layer = make_layer(kernel, q, torch.full((16, 1), 0.01), torch.ones(24), None, None, -1, torch.float32, 8)
     assert kernel.apply(layer, torch.randn(2, 5, 24), None).shape == (2, 5, 16)
+    assert kernel.apply(layer, torch.randn(2, 5, 24)[:, :, :24].transpose(0, 1), None).shape == (5, 2, 16)

@@ -91,6 +91,7 @@ class ASERLinearMethod(LinearMethodBase):
         layer.aser_in_features = in_part
         layer.aser_out_features = out_total
         layer.aser_act_bits = spec.activation_bits
+        layer.aser_weight_bits = spec.weight_bits
         layer.aser_act_dtype = params_dtype
 
     def _create_lowrank(self, layer: torch.nn.Module, in_part: int, out_total: int, loader) -> None:

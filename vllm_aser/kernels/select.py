@@ -9,10 +9,12 @@ import torch
 from torch import nn
 
 import vllm_aser.kernels.torch_ops  # noqa: F401  (registers the custom ops the kernels call)
+from vllm_aser.kernels import cpu_w4a8
 from vllm_aser.kernels.reference import dequantize_weight
 
 ENV_VAR = "VLLM_ASER_KERNEL"
-NO_AMX_ENV_VAR = "VLLM_ASER_CPU_NO_AMX"  # 1: the cpu kernel uses oneDNN's int8 GEMM even where AMX is there
+NO_AMX_ENV_VAR = "VLLM_ASER_CPU_NO_AMX"  # 1: the int8 fallback uses oneDNN's GEMM even where AMX is there
+NO_NATIVE_ENV_VAR = "VLLM_ASER_CPU_NO_NATIVE"  # 1: skip the native W4A8 kernel (int4 unpacked to int8 instead)
 
 
 def _keep(layer: nn.Module, name: str, tensor: torch.Tensor | None) -> None:
@@ -37,19 +39,34 @@ class ReferenceKernel:
 
 class CPUKernel:
     name = "cpu"
-    description = ("int4 unpacked to int8 at load; AMX int8 GEMM with fused per-token quantization where vLLM's "
-                   "CPU build has it and the shape allows, else oneDNN's; low-rank branch")
+    description = ("per layer: the native W4A8 kernel (packed int4 x int8, ASER's smoothing and low-rank branch "
+                   "fused) where it can run the layer, else int4 unpacked to int8 on vLLM's AMX or oneDNN int8 GEMM "
+                   "+ low-rank branch")
 
     def prepare(self, layer, q, scale, inv_smooth, down, up, group_size: int) -> None:
+        act_dtype = layer.aser_act_dtype
+        is_identity = bool(torch.all(inv_smooth == 1))
+        reason = _native_why_not(layer, q, down, up, group_size)
+        if reason is None:
+            packed = cpu_w4a8.pack(q, scale, group_size, down, up, getattr(layer, "bias", None))
+            layer.aser_cpu_path = "native"
+            layer.aser_isa = cpu_w4a8.ISAS[cpu_w4a8.cpu_isa()[0]]
+            layer.aser_group = group_size
+            for name in ("weight", "scale", "down", "up", "bias"):
+                _keep(layer, f"aser_native_{name}", getattr(packed, name))
+            _keep(layer, "aser_inv_smooth", None if is_identity else inv_smooth.float().contiguous())
+            _log_path_once("native", cpu_w4a8.cpu_isa()[1])
+            return
         if group_size == -1:
             weight, channel_scale = q, scale.float()
         else:  # the int8 GEMMs take per-channel scales only: requantize the group-dequantized weight to int8
             dequant = dequantize_weight(q, scale, group_size)
             channel_scale = (dequant.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
             weight = torch.round(dequant / channel_scale).clamp(-127, 127).to(torch.int8)
-        act_dtype = layer.aser_act_dtype
-        layer.aser_amx = _amx_int8_available(*weight.shape, act_dtype, layer.aser_act_bits)
-        if layer.aser_amx:
+        amx = _amx_int8_available(*weight.shape, act_dtype, layer.aser_act_bits)
+        layer.aser_cpu_path = "amx" if amx else "onednn"
+        _log_path_once(layer.aser_cpu_path, f"the native W4A8 kernel cannot run it: {reason}")
+        if amx:
             _keep(layer, "aser_weight_packed", torch.ops._C.convert_weight_packed(weight.contiguous()))
             _keep(layer, "aser_weight_scale", channel_scale.reshape(-1).contiguous())
         else:
@@ -60,7 +77,6 @@ class CPUKernel:
             dnnl = ops.create_onednn_scaled_mm(weight.t(), layer.aser_weight_scale, act_dtype, True, False, 32)
             _keep(layer, "aser_dnnl_handle", dnnl.handler_tensor)
             layer.aser_dnnl = dnnl  # owns the handler: releases it when the layer goes
-        is_identity = bool(torch.all(inv_smooth == 1))
         _keep(layer, "aser_inv_smooth", None if is_identity else inv_smooth.to(act_dtype))
         # The low-rank factors, transposed for plain GEMMs, in float32 (the reference's precision; fastest for a
         # few rows) and in the activation dtype (fastest for many rows): see CPU_FLOAT32_LOWRANK_MAX_ROWS.
@@ -71,8 +87,21 @@ class CPUKernel:
         _keep(layer, "aser_up_lp", up.to(act_dtype).t().contiguous() if low_precision else None)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if layer.aser_cpu_path == "native":
+            shape = x.shape
+            # the layer's own bias is packed at load and added in the kernel's epilogue; any other is added after
+            fused_bias = bias is not None and layer.aser_native_bias is not None
+            out = torch.ops.aser_cpu.w4a8_linear(
+                x.reshape(-1, shape[-1]), layer.aser_native_weight, layer.aser_native_scale, layer.aser_group,
+                layer.aser_inv_smooth, layer.aser_native_down, layer.aser_native_up,
+                layer.aser_native_bias if fused_bias else None, layer.aser_out_features, layer.aser_act_bits,
+                layer.aser_isa,
+            )
+            if bias is not None and not fused_bias:
+                out = out + bias
+            return out.reshape(*shape[:-1], layer.aser_out_features)
         lowrank = (layer.aser_down, layer.aser_up, layer.aser_down_lp, layer.aser_up_lp)
-        if layer.aser_amx:
+        if layer.aser_cpu_path == "amx":
             return torch.ops.vllm_aser.cpu_amx_linear(
                 x, layer.aser_weight_packed, layer.aser_weight_scale, layer.aser_inv_smooth, *lowrank, bias
             )
@@ -80,6 +109,21 @@ class CPUKernel:
             x, layer.aser_dnnl_handle, layer.aser_inv_smooth, *lowrank, bias, layer.aser_out_features,
             layer.aser_act_bits,
         )
+
+
+def _native_why_not(layer, q, down, up, group_size: int) -> str | None:
+    if os.environ.get(NO_NATIVE_ENV_VAR) == "1":
+        return f"{NO_NATIVE_ENV_VAR}=1"
+    bits = getattr(layer, "aser_weight_bits", 4)
+    return cpu_w4a8.why_not(bits, layer.aser_act_bits, q.shape[1], group_size, down, up)
+
+
+@functools.cache
+def _log_path_once(path: str, reason: str) -> None:
+    """One line per distinct (path, reason): the chain's choice is per layer, the log is not."""
+    from vllm.logger import init_logger
+
+    init_logger("vllm.aser").info("ASER cpu kernel: %s path for some layers (%s)", path, reason)
 
 
 def _amx_int8_available(n: int, k: int, act_dtype: torch.dtype, act_bits: int) -> bool:

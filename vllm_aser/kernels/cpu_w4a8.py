@@ -1,0 +1,149 @@
+"""The native W4A8 CPU kernel (vllm_aser/csrc/w4a8_cpu.cpp): weights stay packed int4, int8 x int4 integer dot
+products, ASER's smoothing and low-rank branch fused around the GEMM.
+
+This module knows the kernel's weight layout and its ISA paths; it imports neither vLLM nor the plugin, so the
+kernel can be tested and benchmarked on its own.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+BLOCK_N, BLOCK_K = 16, 8  # one packed block: 16 output channels x 8 input channels, 64 bytes
+ISA_ENV_VAR = "VLLM_ASER_CPU_ISA"  # cap the ISA path (e.g. avx2 on an AVX-512 machine, to test the lower paths)
+ISAS = {"avx2": 1, "avx512bw": 2, "avx512_vnni": 3}  # the kernel's enum, lowest first
+ISA_DESCRIPTIONS = {
+    "avx2": "AVX2 vpmaddubsw/vpmaddwd (int4 x int8 pairs cannot saturate int16)",
+    "avx512bw": "AVX-512BW vpmaddubsw/vpmaddwd",
+    "avx512_vnni": "AVX-512 VNNI vpdpbusd",
+}
+
+
+@functools.cache
+def extension_status() -> tuple[bool, str]:
+    """(loaded, why not): the extension is built at install time; never compiled at serve time."""
+    try:
+        import vllm_aser._w4a8_cpu  # noqa: F401  (registers torch.ops.aser_cpu)
+    except ImportError as exc:
+        return False, (f"the native kernel vllm_aser._w4a8_cpu is not built ({exc}); reinstall with torch present "
+                       "(`pip install --no-build-isolation -e .`, as scripts/setup_cpu_env.sh does)")
+    # shapes for torch.compile: vLLM traces the model with fake tensors, the op stays one opaque call
+    torch.library.register_fake("aser_cpu::w4a8_linear")(_w4a8_linear_fake)
+    return True, ""
+
+
+def _w4a8_linear_fake(x, w, w_scale, group_size, inv_smooth, down, up, bias, n_out, act_bits, isa):
+    return x.new_empty((x.shape[0], n_out))
+
+
+@functools.cache
+def cpu_isa() -> tuple[str | None, str]:
+    """The ISA path to use on this CPU (the best one, or lower if VLLM_ASER_CPU_ISA asks), and why."""
+    loaded, reason = extension_status()
+    if not loaded:
+        return None, reason
+    best = int(torch.ops.aser_cpu.best_isa())
+    names = {v: k for k, v in ISAS.items()}
+    if best not in names:
+        return None, "this CPU has no AVX2/FMA/F16C: the native kernel needs at least AVX2"
+    wanted = os.environ.get(ISA_ENV_VAR, "").strip().lower()
+    if not wanted:
+        return names[best], f"best path on this CPU ({ISA_DESCRIPTIONS[names[best]]})"
+    if wanted not in ISAS:
+        raise ValueError(f"{ISA_ENV_VAR}={wanted!r}: choose one of {', '.join(ISAS)}")
+    if ISAS[wanted] > best:
+        raise ValueError(f"{ISA_ENV_VAR}={wanted}: this CPU supports at most {names[best]}")
+    return wanted, f"capped by {ISA_ENV_VAR} ({ISA_DESCRIPTIONS[wanted]})"
+
+
+@dataclass
+class PackedW4A8:
+    """A linear's tensors in the kernel's layout (see the comment at the top of w4a8_cpu.cpp)."""
+
+    weight: torch.Tensor  # uint8 [N/16, K/8, 64]
+    scale: torch.Tensor  # float32 [N/16, groups, 16]
+    group_size: int  # -1: per channel
+    down: torch.Tensor | None  # float16 [rank, K]
+    up: torch.Tensor | None  # float16 [N/16, rank, 16]
+    bias: torch.Tensor | None  # float32 [N/16 * 16]
+    out_features: int
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.scale, self.down, self.up, self.bias)
+                   if t is not None)
+
+
+def _ceil_to(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _blocks_of_channels(t: torch.Tensor, n_pad: int) -> torch.Tensor:
+    """[N, X] -> [N/16, X, 16] (zero-padded channels): 16 channels contiguous, as one vector of the kernel."""
+    t = F.pad(t, (0, 0, 0, n_pad - t.shape[0]))
+    return t.reshape(n_pad // BLOCK_N, BLOCK_N, -1).transpose(1, 2).contiguous()
+
+
+def pack_weight(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed int4 codes [N, K] (-8..7) and scales [N, groups] -> the kernel's packed weight and scales."""
+    n, k = q.shape
+    if q.min() < -8 or q.max() > 7:
+        raise ValueError("pack_weight: codes outside the int4 range -8..7")
+    n_pad, k_pad = _ceil_to(n, BLOCK_N), _ceil_to(k, BLOCK_K)
+    u = F.pad(q.to(torch.int16) + 8, (0, k_pad - k, 0, n_pad - n), value=8).to(torch.uint8)  # offset binary
+    u = u.reshape(n_pad // BLOCK_N, BLOCK_N, k_pad // BLOCK_K, 2, 4)  # [nb, n, kb, half, j]: k = 8kb + 4half + j
+    byte = u[:, :, :, 0, :] | (u[:, :, :, 1, :] << 4)  # [nb, n, kb, j]
+    weight = byte.permute(0, 2, 1, 3).reshape(n_pad // BLOCK_N, k_pad // BLOCK_K, BLOCK_N * 4).contiguous()
+    n_groups = 1 if group_size == -1 else -(-k // group_size)
+    if scale.shape != (n, n_groups):
+        raise ValueError(f"pack_weight: scale shape {tuple(scale.shape)}, expected {(n, n_groups)}")
+    return weight, _blocks_of_channels(scale.float(), n_pad)
+
+
+def pack(q, scale, group_size, down, up, bias) -> PackedW4A8:
+    n = q.shape[0]
+    weight, packed_scale = pack_weight(q, scale, group_size)
+    n_pad = weight.shape[0] * BLOCK_N
+    return PackedW4A8(
+        weight=weight,
+        scale=packed_scale,
+        group_size=group_size,
+        down=None if down is None else down.to(torch.float16).contiguous(),
+        up=None if up is None else _blocks_of_channels(up.to(torch.float16), n_pad),
+        bias=None if bias is None else F.pad(bias.float(), (0, n_pad - n)).contiguous(),
+        out_features=n,
+    )
+
+
+def why_not(q_bits: int, act_bits: int, in_features: int, group_size: int,
+            down: torch.Tensor | None, up: torch.Tensor | None) -> str | None:
+    """None if the native kernel can run this layer, else the reason (MPLinearKernel.can_implement's pattern)."""
+    isa, reason = cpu_isa()
+    if isa is None:
+        return reason
+    if q_bits != 4:
+        return f"{q_bits}-bit weights (the native kernel takes int4)"
+    if not 2 <= act_bits <= 8:
+        return f"{act_bits}-bit activations"
+    if group_size != -1 and group_size % BLOCK_K:
+        return f"group size {group_size} is not a multiple of {BLOCK_K}"
+    for name, t in (("down", down), ("up", up)):
+        if t is not None and t.dtype != torch.float16 and not torch.equal(t.to(torch.float16).to(t.dtype), t):
+            return f"the low-rank {name}-projection ({t.dtype}) is not exactly representable in float16"
+    return None
+
+
+def w4a8_linear(x: torch.Tensor, packed: PackedW4A8, inv_smooth: torch.Tensor | None, act_bits: int,
+                isa: str | None = None) -> torch.Tensor:
+    """y = Q_a(x * inv_smooth) @ W^T + ((x * inv_smooth) @ down^T) @ up^T + bias, in x's dtype."""
+    isa = isa or cpu_isa()[0]
+    shape = x.shape
+    out = torch.ops.aser_cpu.w4a8_linear(
+        x.reshape(-1, shape[-1]).contiguous(), packed.weight, packed.scale, packed.group_size, inv_smooth,
+        packed.down, packed.up, packed.bias, packed.out_features, act_bits, ISAS[isa],
+    )
+    return out.reshape(*shape[:-1], packed.out_features)
