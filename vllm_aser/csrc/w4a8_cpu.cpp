@@ -49,7 +49,7 @@ int64_t detect_isa() {
 struct ActivationPass {
   int64_t M, K, Kp, G, group, rank, qmax;
   const float* inv_smooth;  // [K] or nullptr
-  const c10::Half* down;    // [rank, K] or nullptr
+  const c10::Half* down;    // [K, rank] (transposed; rank padded to a multiple of 16) or nullptr
   int8_t* xq;               // [M, Kp], zero padded
   float* x_scale;           // [M]
   int32_t* x_sum;           // [M, G]: sum of x_q per weight group (removes the weight offset)
@@ -59,7 +59,7 @@ struct ActivationPass {
 struct GemmArgs {
   const uint8_t* w;      // [Nb, Kb, 64]
   const float* w_scale;  // [Nb, G, 16]
-  const c10::Half* up;   // [Nb, rank, 16] or nullptr
+  const c10::Half* up;   // [Nb, rank, 16] (rank padded as down's) or nullptr
   const float* bias;     // [Nb * 16] or nullptr
   const int8_t* xq;
   const float* x_scale;
@@ -144,7 +144,7 @@ ASER_AVX512_HELPERS
 inline VI dot8(VI acc, VI lo, VI xa, VI hi, VI xb) {
   return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, lo, xa), hi, xb);
 }
-constexpr int kDecodeBlocks = 4, kPrefillRows = 4, kPrefillBlocks = 2;
+constexpr int kDecodeBlocks = 4, kPrefillRows = 4, kPrefillBlocks = 2, kRankVectors = 4;
 #include "w4a8_cpu_isa.inc"
 ASER_ISA_ENTRY_POINTS
 }  // namespace avx512_vnni
@@ -158,7 +158,7 @@ inline VI dot8(VI acc, VI lo, VI xa, VI hi, VI xb) {
   const VI pairs = _mm512_add_epi16(_mm512_maddubs_epi16(lo, xa), _mm512_maddubs_epi16(hi, xb));
   return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
 }
-constexpr int kDecodeBlocks = 4, kPrefillRows = 4, kPrefillBlocks = 2;
+constexpr int kDecodeBlocks = 4, kPrefillRows = 4, kPrefillBlocks = 2, kRankVectors = 4;
 #include "w4a8_cpu_isa.inc"
 ASER_ISA_ENTRY_POINTS
 }  // namespace avx512_bw
@@ -229,7 +229,7 @@ inline VI dot8(VI acc, VI lo, VI xa, VI hi, VI xb) {
   const VI pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb));
   return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
-constexpr int kDecodeBlocks = 2, kPrefillRows = 4, kPrefillBlocks = 1;
+constexpr int kDecodeBlocks = 2, kPrefillRows = 4, kPrefillBlocks = 1, kRankVectors = 2;
 #include "w4a8_cpu_isa.inc"
 ASER_ISA_ENTRY_POINTS
 }  // namespace avx2
@@ -295,10 +295,10 @@ torch::Tensor w4a8_linear(const torch::Tensor& x_in, const torch::Tensor& w, con
               "aser w4a8: weight / scale blocks do not match N = ", n_out);
   const int64_t group = group_size <= 0 ? Kp : group_size;
   TORCH_CHECK(group % kBlockK == 0 && (Kp + group - 1) / group == G, "aser w4a8: group size does not match scales");
-  const int64_t rank = down.has_value() ? down->size(0) : 0;
+  const int64_t rank = down.has_value() ? down->size(1) : 0;
   if (rank) {
-    TORCH_CHECK(down->scalar_type() == at::kHalf && down->is_contiguous() && down->size(1) == K,
-                "aser w4a8: down must be float16 [rank, K]");
+    TORCH_CHECK(down->scalar_type() == at::kHalf && down->is_contiguous() && down->size(0) == K && rank % 16 == 0,
+                "aser w4a8: down must be float16 [K, rank] with rank a multiple of 16 (pack)");
     TORCH_CHECK(up.has_value() && up->scalar_type() == at::kHalf && up->is_contiguous() && up->size(0) == Nb &&
                     up->size(1) == rank && up->size(2) == kBlockN,
                 "aser w4a8: up must be float16 [N/16, rank, 16]");

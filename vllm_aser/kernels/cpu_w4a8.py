@@ -15,6 +15,7 @@ import torch
 from torch.nn import functional as F
 
 BLOCK_N, BLOCK_K = 16, 8  # one packed block: 16 output channels x 8 input channels, 64 bytes
+LOWRANK_UNIT = 16  # ranks are padded to a multiple of this (one vector of float32 lanes)
 ISA_ENV_VAR = "VLLM_ASER_CPU_ISA"  # cap the ISA path (e.g. avx2 on an AVX-512 machine, to test the lower paths)
 ISAS = {"avx2": 1, "avx512bw": 2, "avx512_vnni": 3}  # the kernel's enum, lowest first
 ISA_DESCRIPTIONS = {
@@ -39,6 +40,19 @@ def extension_status() -> tuple[bool, str]:
 
 def _w4a8_linear_fake(x, w, w_scale, group_size, inv_smooth, down, up, bias, n_out, act_bits, isa):
     return x.new_empty((x.shape[0], n_out))
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (empty where /proc/cpuinfo is not readable)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 @functools.cache
@@ -68,7 +82,7 @@ class PackedW4A8:
     weight: torch.Tensor  # uint8 [N/16, K/8, 64]
     scale: torch.Tensor  # float32 [N/16, groups, 16]
     group_size: int  # -1: per channel
-    down: torch.Tensor | None  # float16 [rank, K]
+    down: torch.Tensor | None  # float16 [K, rank] (transposed, rank padded to a multiple of 16)
     up: torch.Tensor | None  # float16 [N/16, rank, 16]
     bias: torch.Tensor | None  # float32 [N/16 * 16]
     out_features: int
@@ -108,12 +122,16 @@ def pack(q, scale, group_size, down, up, bias) -> PackedW4A8:
     n = q.shape[0]
     weight, packed_scale = pack_weight(q, scale, group_size)
     n_pad = weight.shape[0] * BLOCK_N
+    if down is not None:  # ranks padded with zero factors to whole vectors; down transposed to [K, rank]
+        r_pad = _ceil_to(down.shape[0], LOWRANK_UNIT) - down.shape[0]
+        down = F.pad(down.to(torch.float16), (0, 0, 0, r_pad)).t().contiguous()
+        up = _blocks_of_channels(F.pad(up.to(torch.float16), (0, r_pad)), n_pad)
     return PackedW4A8(
         weight=weight,
         scale=packed_scale,
         group_size=group_size,
-        down=None if down is None else down.to(torch.float16).contiguous(),
-        up=None if up is None else _blocks_of_channels(up.to(torch.float16), n_pad),
+        down=down,
+        up=up,
         bias=None if bias is None else F.pad(bias.float(), (0, n_pad - n)).contiguous(),
         out_features=n,
     )

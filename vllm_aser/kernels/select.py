@@ -57,12 +57,13 @@ class CPUKernel:
             _keep(layer, "aser_inv_smooth", None if is_identity else inv_smooth.float().contiguous())
             _log_path_once("native", cpu_w4a8.cpu_isa()[1])
             return
-        if group_size == -1:
+        qmax = int8_weight_max()
+        if group_size == -1 and int(q.abs().max()) <= qmax:
             weight, channel_scale = q, scale.float()
-        else:  # the int8 GEMMs take per-channel scales only: requantize the group-dequantized weight to int8
+        else:  # the int8 GEMMs take per-channel scales only: requantize the group-dequantized weight
             dequant = dequantize_weight(q, scale, group_size)
-            channel_scale = (dequant.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
-            weight = torch.round(dequant / channel_scale).clamp(-127, 127).to(torch.int8)
+            channel_scale = (dequant.abs().amax(dim=1, keepdim=True) / qmax).clamp(min=1e-12)
+            weight = torch.round(dequant / channel_scale).clamp(-qmax, qmax).to(torch.int8)
         amx = _amx_int8_available(*weight.shape, act_dtype, layer.aser_act_bits)
         layer.aser_cpu_path = "amx" if amx else "onednn"
         _log_path_once(layer.aser_cpu_path, f"the native W4A8 kernel cannot run it: {reason}")
@@ -109,6 +110,17 @@ class CPUKernel:
             x, layer.aser_dnnl_handle, layer.aser_inv_smooth, *lowrank, bias, layer.aser_out_features,
             layer.aser_act_bits,
         )
+
+
+@functools.cache
+def int8_weight_max() -> int:
+    """The largest int8 weight the fallback's int8 GEMMs can take exactly on this CPU. Without VNNI (AVX2,
+    AVX-512 before Cascade Lake, or oneDNN capped below it by ONEDNN_MAX_CPU_ISA), oneDNN's u8 x s8 products go
+    through vpmaddubsw, whose int16 pair sums saturate for full-range weights: 2 x 255 x 63 is the most that fits."""
+    flags = cpu_w4a8.cpu_flags()
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ("SSE41", "AVX", "AVX2", "AVX512_CORE")
+    has_vnni = bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"}) and not capped
+    return 127 if has_vnni else 63
 
 
 def _native_why_not(layer, q, down, up, group_size: int) -> str | None:
