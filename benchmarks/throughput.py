@@ -22,8 +22,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "docs" / "throughput"
-# (input tokens, output tokens, prompts): decode-heavy and prefill-heavy batches
+# (input tokens, output tokens, prompts[, max concurrent sequences]): decode-heavy and prefill-heavy batches, and
+# one request at a time (M = 1 per linear at decode: the weights' bytes decide, as for a single user)
 WORKLOADS = [(128, 128, 64), (1024, 16, 32)]
+SINGLE_STREAM = (128, 128, 4, 1)
+WORKLOAD_SETS = {"batch": WORKLOADS, "single": [SINGLE_STREAM], "all": [*WORKLOADS, SINGLE_STREAM]}
 # Speed does not depend on calibration quality: the baselines are plain RTN on a short calibration run.
 FAST_RTN = ["--method", "rtn", "--base", "rtn", "--clip", "minmax", "--num-samples", "8"]
 METHODS = {  # name -> aser-quantize options (None: the unquantized model itself)
@@ -83,12 +86,14 @@ def prepare(model: str, assets: dict, cache: Path, log: Path) -> dict[str, Path]
 
 def bench(model_dir: Path, method: str, workload: tuple[int, int, int], log: Path, work: Path,
           env: dict[str, str] | None = None) -> dict:
-    inp, out, prompts = workload
+    inp, out, prompts, *concurrency = workload
     result_file = work / f"tp-{method}-{inp}-{out}.json"
     cmd = ["vllm", "bench", "throughput", "--model", str(model_dir), "--dtype", "bfloat16",
            "--dataset-name", "random", "--random-input-len", str(inp), "--random-output-len", str(out),
            "--num-prompts", str(prompts), "--seed", "0", "--max-model-len", str(inp + out + 16),
            "--output-json", str(result_file)]
+    if concurrency:
+        cmd += ["--max-num-seqs", str(concurrency[0])]
     start = time.perf_counter()
     text = sh(cmd, log, env={**os.environ, **env} if env else None)
     wall = time.perf_counter() - start
@@ -102,6 +107,11 @@ def bench(model_dir: Path, method: str, workload: tuple[int, int, int], log: Pat
         "kernel": "aser:" + m.group(1) if (m := re.search(r"ASER kernel: (\w+)", text)) else None,
         "env": env or {},
     }
+
+
+def workload_name(workload: tuple) -> str:
+    name = f"{workload[0]}/{workload[1]}x{workload[2]}"
+    return name + (" one at a time" if len(workload) > 3 and workload[3] == 1 else "")
 
 
 def render(results: dict) -> str:
@@ -161,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="*", default=["smollm2"], choices=["smollm2", "llama-1b-random"])
     p.add_argument("--only", help="comma-separated methods (default: all of " + ", ".join(METHODS) + ")")
+    p.add_argument("--workloads", choices=list(WORKLOAD_SETS), default="batch",
+                   help="batch: 128/128 x 64 and 1024/16 x 32; single: 128/128 x 4 one request at a time; all")
     args = p.parse_args(argv)
     methods = args.only.split(",") if args.only else list(METHODS)
     if unknown := [m for m in methods if m not in METHODS]:
@@ -188,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             entry.update(runs={}, weight_bytes={}, machine=machine)
         for method in methods:
             entry["weight_bytes"][method] = weight_bytes(dirs[method])
-            for workload in WORKLOADS:
-                key = f"{method}@{workload[0]}/{workload[1]}x{workload[2]}"
+            for workload in WORKLOAD_SETS[args.workloads]:
+                key = f"{method}@{workload_name(workload)}"
                 print(f"{model} {key}", flush=True)
                 entry["runs"][key] = bench(dirs[method], method, workload, log, cache,
                                            METHOD_ENV.get((model, method)))

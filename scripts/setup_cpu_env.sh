@@ -18,5 +18,15 @@ if [ ! -f "$stamp" ]; then
   "$VENV/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
   touch "$stamp"
 fi
-"$VENV/bin/pip" install --quiet --no-deps --no-build-isolation -e .
+# The editable install builds the native CPU kernel (vllm_aser/_w4a8_cpu*.so, ~1 min): only when its sources or
+# the packaging changed since the last build.
+pkg_stamp="$VENV/.package-$(cat pyproject.toml setup.py vllm_aser/csrc/* | sha256sum | cut -c1-16)"
+if [ ! -f "$pkg_stamp" ] || ! ls vllm_aser/_w4a8_cpu*.so >/dev/null 2>&1; then
+  echo "setup: installing vllm-aser (editable) and building its CPU kernel..."
+  "$VENV/bin/pip" install --quiet --no-deps --no-build-isolation -e .
+  "$VENV/bin/python" -c 'import torch, vllm_aser._w4a8_cpu' \
+    || { echo "setup: the native CPU kernel did not build (see above)" >&2; exit 1; }
+  rm -f "$VENV"/.package-*
+  touch "$pkg_stamp"
+fi
 "$VENV/bin/python" -m vllm_aser.cpu_compat >/dev/null

@@ -3,6 +3,11 @@ CPU can run (AVX2, AVX-512BW, AVX-512 VNNI; VLLM_ASER_CPU_ISA caps the path), an
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -164,3 +169,19 @@ def test_3d_input_keeps_leading_dims(path):
     layer = make_layer(kernel, q, torch.full((16, 1), 0.01), torch.ones(24), None, None, -1, torch.float32, 8)
     assert kernel.apply(layer, torch.randn(2, 5, 24), None).shape == (2, 5, 16)
     assert kernel.apply(layer, torch.randn(2, 5, 24)[:, :, :24].transpose(0, 1), None).shape == (5, 2, 16)
+
+
+@pytest.mark.skipif(os.environ.get("ONEDNN_MAX_CPU_ISA") == "AVX2", reason="this is the inner run")
+def test_fallback_right_where_onednn_has_no_vnni():
+    """The int8 fallback as on an AVX2-only CPU, on any CPU: oneDNN capped to AVX2 (ONEDNN_MAX_CPU_ISA, read when
+    oneDNN starts, hence a subprocess) multiplies through vpmaddubsw, whose int16 pair sums saturate for
+    full-range int8 weights; the fallback must keep the requantized group weights within 7 bits there. The
+    native kernel's AVX2 path is covered above (VLLM_ASER_CPU_ISA=avx2)."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider", "-x",
+         "-k", "matches_reference and fallback"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout

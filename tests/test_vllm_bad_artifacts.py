@@ -21,7 +21,7 @@ def load_error(model_dir: Path, env: dict, quantization: str = "aser") -> str:
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode != 0, "vLLM loaded a broken artifact"
-    return proc.stderr
+    return proc.stderr + proc.stdout  # errors raised in a worker process are logged on its stdout
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN))

@@ -48,9 +48,21 @@ def simulated(ct_dir: Path, source_dir: Path, act_bits: int) -> torch.nn.Module:
     return model
 
 
+def _vllm_cpu_op_missing(op: str) -> str | None:
+    """Why vLLM's CPU build cannot run `op` here (its AVX2 library lacks the weight-only int4 GEMM), or None."""
+    import vllm._custom_ops  # noqa: F401  (loads the library vLLM picks for this CPU into torch.ops._C)
+
+    if hasattr(torch.ops._C, op):
+        return None
+    isa = "AVX-512" if torch.cpu._is_avx512_supported() else "AVX2 only"
+    return f"vLLM's CPU build has no {op} on this CPU ({isa}: vLLM loads its _C_AVX2 library, which lacks it)"
+
+
 @pytest.mark.parametrize("w_bits,a_bits,group", [(8, 8, -1), (4, 16, 32)])
 def test_compressed_tensors_baseline_matches_its_simulation(w_bits, a_bits, group, tiny_llama_32, calib_text,
                                                            workdir, cpu_env):
+    if w_bits == 4 and (missing := _vllm_cpu_op_missing("cpu_gemm_wna16")):
+        pytest.skip(missing)  # vLLM's own kernel, not ours: nothing of the plugin is left untested by this skip
     ct_dir = quantize(tiny_llama_32, workdir / f"llama-ct-w{w_bits}a{a_bits}", calib_text, method="rtn",
                       w_bits=w_bits, a_bits=a_bits, group_size=group, export="compressed-tensors", dtype="bfloat16")
     config = json.loads((ct_dir / "config.json").read_text())["quantization_config"]

@@ -11,13 +11,12 @@ from vllm.model_executor.parameter import (
     ChannelQuantScaleParameter,
     GroupQuantScaleParameter,
     PackedvLLMParameter,
-    RowvLLMParameter,
 )
 
 from vllm_aser import format as fmt
 from vllm_aser.kernels.reference import unpack_int
 from vllm_aser.kernels.select import select_kernel
-from vllm_aser.parameters import LowRankDownParameter, LowRankUpParameter
+from vllm_aser.parameters import LowRankDownParameter, LowRankUpParameter, SiblingSharedParameter
 
 
 @register_weight_loader_v2_supported_method
@@ -84,7 +83,8 @@ class ASERLinearMethod(LinearMethodBase):
         )
         layer.register_parameter(
             fmt.SMOOTH,
-            RowvLLMParameter(data=torch.ones(in_part, dtype=torch.float32), input_dim=0, weight_loader=loader),
+            SiblingSharedParameter(what=fmt.SMOOTH, layer_name=self.prefix, input_dim=0, weight_loader=loader,
+                                   data=torch.ones(in_part, dtype=torch.float32)),
         )
         self._create_lowrank(layer, in_part, out_total, loader)
         layer.logical_widths = output_partition_sizes
@@ -108,8 +108,8 @@ class ASERLinearMethod(LinearMethodBase):
             rank = self.ranks[0]
             if not rank:
                 return
-            down = RowvLLMParameter(data=torch.zeros(rank, in_part, dtype=lowrank_dtype), input_dim=1,
-                                    weight_loader=loader)
+            down = SiblingSharedParameter(what=fmt.LOWRANK_DOWN, layer_name=self.prefix, input_dim=1, weight_loader=loader,
+                                          data=torch.zeros(rank, in_part, dtype=lowrank_dtype))
             up = ChannelQuantScaleParameter(data=torch.zeros(out_total, rank, dtype=lowrank_dtype), output_dim=0,
                                             weight_loader=loader)
         else:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from vllm.model_executor.parameter import ChannelQuantScaleParameter, RowvLLMParameter
 
+from vllm_aser.format import FormatError
+
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
     if dst.shape != src.shape:
@@ -72,3 +74,30 @@ class LowRankUpParameter(_RankSlots, ChannelQuantScaleParameter):
         shard_id = kwargs["shard_id"]
         source_rank = self.tp_rank if shard_id == "q" else self.tp_rank // kwargs["num_heads"]
         self._load_block(loaded_weight, shard_id, kwargs["shard_offset"], kwargs["shard_size"], source_rank)
+
+
+class SiblingSharedParameter(RowvLLMParameter):
+    """A tensor every fused sub-layer (q/k/v, gate/up) carries its own copy of in the checkpoint: the smoothing
+    vector, and the down-projection with `lowrank_shared`. vLLM loads one per fused layer, so the copies must be
+    equal: the first loads, each later one is compared with it (instead of silently overwriting it)."""
+
+    def __init__(self, what: str, layer_name: str, **kwargs):
+        self._what, self._layer_name, self._first_shard = what, layer_name, None
+        super().__init__(**kwargs)
+
+    def _load_shared(self, loaded_weight: torch.Tensor, shard_id) -> None:
+        if self._first_shard is None:
+            _copy(self.data, loaded_weight, self._what)
+            self._first_shard = shard_id
+        elif self.data.shape != loaded_weight.shape or not torch.equal(self.data, loaded_weight.to(self.data.dtype)):
+            raise FormatError(
+                f"{self._layer_name}: its fused sub-layers carry different {self._what} tensors ({self._first_shard!r} "
+                f"and {shard_id!r}), but vLLM runs them as one linear with one {self._what}: the artifact is "
+                "inconsistent (edited, or written by another tool); re-quantize it with aser-quantize"
+            )
+
+    def load_merged_column_weight(self, loaded_weight: torch.Tensor, **kwargs) -> None:
+        self._load_shared(loaded_weight, kwargs["shard_id"])
+
+    def load_qkv_weight(self, loaded_weight: torch.Tensor, **kwargs) -> None:
+        self._load_shared(loaded_weight, kwargs["shard_id"])
