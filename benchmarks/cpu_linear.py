@@ -52,6 +52,17 @@ def copy_bandwidth_gbs() -> float:
     return 2 * src.numel() / min(times) / 1e9
 
 
+def read_bandwidth_gbs() -> float:
+    """Bytes read per second by a float32 sum over 1 GiB (all threads): the ceiling for streaming weights."""
+    src = torch.ones(2**28, dtype=torch.float32)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        src.sum()
+        times.append(time.perf_counter() - t0)
+    return src.numel() * 4 / min(times) / 1e9
+
+
 def median_us(calls: list, min_seconds: float = 0.4) -> float:
     """Median time of one call, cycling through `calls` (one per weight copy) so that weights come from DRAM."""
     for c in calls:
@@ -86,14 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     machine, threads = describe_machine(), torch.get_num_threads()
     llc = last_level_cache_bytes()
-    bandwidth = copy_bandwidth_gbs()
+    bandwidth, read_bw = copy_bandwidth_gbs(), read_bandwidth_gbs()
     print(f"{machine}; {threads} threads; native path {isa}; rank {args.rank}; LLC {llc / 2**20:.0f} MiB; "
-          f"copy bandwidth {bandwidth:.1f} GB/s (read + write)")
+          f"copy bandwidth {bandwidth:.1f} GB/s (read + write), read bandwidth {read_bw:.1f} GB/s")
     dt = torch.bfloat16
     torch.manual_seed(0)
     rows = []
-    print(f"{'shape':14s} {'M':>4s} | {'bf16 us':>9s} {'w8a8 us':>9s} {'aser us':>9s} | {'x bf16':>6s} {'x w8a8':>6s} | "
-          f"{'GB/s int4':>9s} {'% copy':>6s}")
+    print(f"{'shape':14s} {'M':>4s} | {'bf16 us':>9s} {'w8a8 us':>9s} {'aser us':>9s} | {'x bf16':>6s} "
+          f"{'x w8a8':>6s} | {'GB/s int4':>9s} {'% copy':>6s} {'% read':>6s}")
     for family in args.shapes:
         for name, (n, k) in SHAPES[family].items():
             copies = {b: max(1, math.ceil(2 * llc / (n * k * b))) for b in (0.5, 1, 2)}
@@ -126,25 +137,31 @@ def main(argv: list[str] | None = None) -> int:
                 t_aser = median_us([lambda w=w: cpu_w4a8.w4a8_linear(x, w, inv_smooth, 8, isa) for w in aser])
                 gbs = n * k / 2 / (t_aser * 1e-6) / 1e9
                 row = dict(shape=f"{family} {name}", n=n, k=k, m=m, bf16_us=t_bf16, w8a8_us=t_w8, aser_us=t_aser,
-                           w8a8_kernel="amx" if amx else "onednn", int4_gbs=gbs, copy_gbs=bandwidth)
+                           w8a8_kernel="amx" if amx else "onednn", int4_gbs=gbs, copy_gbs=bandwidth,
+                           read_gbs=read_bw)
                 rows.append(row)
                 print(f"{row['shape']:14s} {m:4d} | {t_bf16:9.1f} {t_w8:9.1f} {t_aser:9.1f} | {t_bf16 / t_aser:6.2f} "
-                      f"{t_w8 / t_aser:6.2f} | {gbs:9.1f} {100 * gbs / bandwidth:5.0f}%", flush=True)
+                      f"{t_w8 / t_aser:6.2f} | {gbs:9.1f} {100 * gbs / bandwidth:5.0f}% {100 * gbs / read_bw:5.0f}%",
+                      flush=True)
             del aser, w8, bf16
     if args.no_write:
         return 0
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    meta = dict(machine=machine, threads=threads, isa=isa, rank=args.rank, copy_gbs=bandwidth, llc_bytes=llc)
+    meta = dict(machine=machine, threads=threads, isa=isa, rank=args.rank, copy_gbs=bandwidth, read_gbs=read_bw,
+                llc_bytes=llc)
     (OUT_DIR / "cpu_linear.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
-    lines = [f"# Per-linear CPU benchmark\n", f"{machine}; {threads} threads; native path `{isa}`; rank {args.rank}; "
-             f"copy bandwidth {bandwidth:.1f} GB/s (read + write). `python benchmarks/cpu_linear.py`\n",
-             "| shape | M | BF16 us | W8A8 us | ASER us | ASER x BF16 | ASER x W8A8 | int4 GB/s | % of copy |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["# Per-linear CPU benchmark\n",
+             f"Written by `python benchmarks/cpu_linear.py`; do not edit by hand. {machine}; {threads} threads; "
+             f"native path `{isa}`; ASER rank {args.rank} with smoothing; weights cycled past the {llc / 2**20:.0f} "
+             f"MiB last-level cache; copy bandwidth {bandwidth:.1f} GB/s (read + write bytes), read bandwidth "
+             f"{read_bw:.1f} GB/s (float32 sum). Times are medians in microseconds.\n",
+             "| shape | M | BF16 us | W8A8 us | ASER us | ASER x BF16 | ASER x W8A8 | int4 GB/s | % of copy | % of read |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['shape']} ({r['n']}x{r['k']}) | {r['m']} | {r['bf16_us']:.0f} | {r['w8a8_us']:.0f} "
                      f"({r['w8a8_kernel']}) | {r['aser_us']:.0f} | {r['bf16_us'] / r['aser_us']:.2f} | "
                      f"{r['w8a8_us'] / r['aser_us']:.2f} | {r['int4_gbs']:.1f} | "
-                     f"{100 * r['int4_gbs'] / r['copy_gbs']:.0f}% |")
+                     f"{100 * r['int4_gbs'] / r['copy_gbs']:.0f}% | {100 * r['int4_gbs'] / r['read_gbs']:.0f}% |")
     (OUT_DIR / "cpu_linear.md").write_text("\n".join(lines) + "\n")
     return 0
 

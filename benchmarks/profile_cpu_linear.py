@@ -1,5 +1,6 @@
-"""Where the time of one ASER linear goes on this CPU (vLLM CPU build ops), stage by stage, against what vLLM
-runs for the same layer unquantized (BF16, oneDNN with a prepacked weight) and in-tree W8A8.
+"""Where the time of one ASER linear goes on the int8 fallback path of the `cpu` kernel (VLLM_ASER_CPU_NO_NATIVE=1:
+int4 unpacked to int8, vLLM CPU build ops), stage by stage, against what vLLM runs for the same layer unquantized
+(BF16, oneDNN with a prepacked weight) and in-tree W8A8. The native W4A8 kernel is measured by cpu_linear.py.
 
 Stages of the `cpu` kernel: smoothing (x * 1/s); the int8 GEMM (AMX with fused per-token quantization where the
 CPU and shape allow, as vLLM's W8A8 on these CPUs; else oneDNN's, with its quantization measured apart); the
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from vllm import _custom_ops as ops
 
-    from vllm_aser.kernels.select import NO_AMX_ENV_VAR, CPUKernel
+    from vllm_aser.kernels.select import NO_AMX_ENV_VAR, NO_NATIVE_ENV_VAR, CPUKernel
     from vllm_aser.kernels.torch_ops import _add_lowrank
 
     torch.manual_seed(0)
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'shape':16s} {'M':>5s} | {'bf16':>8s} {'w8a8':>8s} | {'smooth':>7s} {'int8mm':>8s} {'lowrank':>7s} | "
           f"{'aser op':>8s} {'oneDNN op':>9s} | {'op/bf16':>7s} {'op/w8a8':>7s} {'LR/mm':>6s}")
     kernel = CPUKernel()
+    os.environ[NO_NATIVE_ENV_VAR] = "1"
     for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k).to(dt) * 0.02
         q = torch.randint(-7, 8, (n, k), dtype=torch.int8)
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             kernel.prepare(layer, q, scale, inv_smooth, down, up, -1)
             layers[amx] = layer
         os.environ.pop(NO_AMX_ENV_VAR)
-        amx_layer = layers[True] if layers[True].aser_amx else None
+        amx_layer = layers[True] if layers[True].aser_cpu_path == "amx" else None
         bf16 = ops.create_onednn_mm(w.t(), 32)  # what vLLM runs for an unquantized linear of this size
         packed = torch.ops._C.convert_weight_packed(q) if amx_layer is not None else None
         for m in args.ms:

@@ -128,15 +128,32 @@ def test_native_kernel_refuses_what_it_cannot_run():
     assert cpu_w4a8.why_not(4, 8, 72, -1, None, None) is None
     assert "8-bit weights" in cpu_w4a8.why_not(8, 8, 72, -1, None, None)
     assert "group size 12" in cpu_w4a8.why_not(4, 8, 72, 12, None, None)
-    tiny = torch.full((2, 72), 1e-9)
-    assert "float16" in cpu_w4a8.why_not(4, 8, 72, -1, tiny, tiny.t())  # float32 factors fp16 cannot hold
-    assert cpu_w4a8.why_not(4, 8, 72, -1, tiny.half().float(), tiny.t().half().float()) is None
+    down = torch.zeros(2, 72)
+    assert cpu_w4a8.why_not(4, 8, 72, -1, down, down.t()) is None
+    assert "float64" in cpu_w4a8.why_not(4, 8, 72, -1, down.double(), down.t().double())
+    assert "dtype" in cpu_w4a8.why_not(4, 8, 72, -1, down, down.t().half())
 
 
-def test_float32_lowrank_factors_fall_back_and_stay_right():
+@pytest.mark.parametrize("path", [p for p in PATHS if p != "fallback"], indirect=True)
+@pytest.mark.parametrize("lowrank_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, 7, 33])
+def test_native_kernel_reads_lowrank_factors_as_stored(path, lowrank_dtype, m):
+    """The artifact's low-rank dtype follows --dtype (bfloat16 by default, float32 for float32 models): the
+    native kernel reads each as stored, nothing is rounded on the way."""
     from vllm_aser.kernels.select import CPUKernel, ReferenceKernel
 
-    q, scale, inv_smooth, down, up, bias, x = _case(7, 37, 72, -1, 8, True, torch.float32, torch.float32)
+    q, scale, inv_smooth, down, up, bias, x = _case(m, 50, 136, 64, 24, True, torch.float32, lowrank_dtype)
+    ref_kernel, cpu_kernel = ReferenceKernel(), CPUKernel()
+    layer = make_layer(cpu_kernel, q, scale, inv_smooth, down, up, 64, torch.float32, 8, bias)
+    assert layer.aser_cpu_path == "native" and layer.aser_native_down.dtype == lowrank_dtype
+    ref = ref_kernel.apply(make_layer(ref_kernel, q, scale, inv_smooth, down, up, 64, torch.float32, 8), x, bias)
+    assert sqnr_db(ref, cpu_kernel.apply(layer, x, bias)) > 80
+
+
+def test_float64_lowrank_factors_fall_back_and_stay_right():
+    from vllm_aser.kernels.select import CPUKernel, ReferenceKernel
+
+    q, scale, inv_smooth, down, up, bias, x = _case(7, 37, 72, -1, 8, True, torch.float32, torch.float64)
     ref_kernel, cpu_kernel = ReferenceKernel(), CPUKernel()
     layer = make_layer(cpu_kernel, q, scale, inv_smooth, down, up, -1, torch.float32, 8)
     assert layer.aser_cpu_path in ("amx", "onednn")
@@ -185,3 +202,31 @@ def test_fallback_right_where_onednn_has_no_vnni():
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout
+
+
+def test_missing_extension_falls_back_with_the_reason(monkeypatch):
+    """Without the native kernel (a build without torch, a non-x86 machine) every layer still loads, on the
+    int8 fallback, and the reason says how to get the native kernel."""
+    from vllm_aser.kernels.select import CPUKernel
+
+    monkeypatch.setattr(cpu_w4a8, "extension_status", lambda: (False, "not built (test)"))
+    cpu_w4a8.cpu_isa.cache_clear()
+    try:
+        assert cpu_w4a8.why_not(4, 8, 72, -1, None, None) == "not built (test)"
+        q = torch.randint(-8, 8, (37, 72), dtype=torch.int8)
+        layer = make_layer(CPUKernel(), q, torch.full((37, 1), 0.01), torch.ones(72), None, None, -1,
+                           torch.float32, 8)
+        assert layer.aser_cpu_path in ("amx", "onednn")
+    finally:
+        cpu_w4a8.cpu_isa.cache_clear()
+
+
+def test_cuda_kernel_refuses_8bit_weights_by_name():
+    """Checked before anything touches a GPU: the error names the layer and the way out."""
+    from vllm_aser.kernels.select import CUDAKernel
+
+    layer = torch.nn.Module()
+    layer.aser_weight_bits, layer.aser_name = 8, "model.layers.3.mlp.down_proj"
+    q = torch.randint(-100, 100, (16, 32), dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"model\.layers\.3\.mlp\.down_proj: the cuda kernel runs int4 weights only"):
+        CUDAKernel().prepare(layer, q, torch.ones(16, 1), torch.ones(32), None, None, -1)

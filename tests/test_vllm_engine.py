@@ -16,12 +16,15 @@ PROMPTS = ["The river city music", "Summer night in the old village", "King of t
 MAX_TOKENS = 12
 
 
-def run_vllm(env: dict, timeout: int = 600, **args) -> list[dict]:
+def run_vllm(env: dict, timeout: int = 600, expect_log: str | None = None, **args) -> list[dict]:
+    """Greedy results of a vLLM engine in a child process; `expect_log`: a line its log must contain."""
     args = {"prompts": PROMPTS, "max_tokens": MAX_TOKENS, **args}
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("vllm_runner.py")), json.dumps(args)],
         capture_output=True, text=True, env=env, timeout=timeout,
     )
+    if expect_log is not None and proc.returncode == 0:
+        assert expect_log in proc.stdout + proc.stderr, f"vLLM's log lacks {expect_log!r}"
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -48,21 +51,24 @@ def reference_logprobs(model_dir: Path, prompt_ids: list[int], ids: list[int]) -
 # int4 weights and group scales, float32 sums in another order), so it must give the reference's tokens. The
 # logprobs differ only because vLLM's own float32 ops (attention, norms) differ from transformers' in the last
 # bits, which now and then moves one activation across an int8 rounding boundary. Measured maximum over the 36
-# tokens (AMD EPYC, AVX-512 VNNI, native kernel): Llama 2.2e-3 (tolerance 5e-3); Qwen2 with biases and group-32
-# scales 8.0e-3 (tolerance 2e-2; it was 3.0e-2 on an AVX2-only EPYC with the earlier oneDNN path). The Qwen2
-# artifact also runs with the reference kernel inside vLLM, which isolates loading.
+# tokens (AMD EPYC, AVX-512 VNNI, native kernel): Llama with shared down-projections 9.2e-4 (tolerance 2e-3);
+# Llama with separate ones, and Qwen2 with biases and group-32 scales, 4.8e-7 (tolerance 1e-4, left wider than
+# 2x for other CPUs' float orders; the int8 fallback measured 3.0e-2 on an AVX2-only EPYC). The Qwen2 artifact
+# also runs with the reference kernel inside vLLM, which isolates loading.
 @pytest.mark.parametrize(
     "artifact,kernel,exact_tokens,tolerance",
     [
-        ("llama_aser_fp32", "cpu", True, 5e-3),
-        ("llama_aser_fp32_separate", "cpu", True, 5e-3),
+        ("llama_aser_fp32", "cpu", True, 2e-3),
+        ("llama_aser_fp32_separate", "cpu", True, 1e-4),
         ("qwen2_aser_fp32", "reference", True, 2e-4),
-        ("qwen2_aser_fp32", "cpu", True, 2e-2),
+        ("qwen2_aser_fp32", "cpu", True, 1e-4),
     ],
 )
 def test_fp32_tokens_and_logprobs_match_reference(artifact, kernel, exact_tokens, tolerance, request, cpu_env):
     model_dir = request.getfixturevalue(artifact)
-    results = run_vllm(dict(cpu_env, VLLM_ASER_KERNEL=kernel), model=str(model_dir), dtype="float32")
+    native = "ASER cpu kernel: native path" if kernel == "cpu" else None  # not the int8 fallback
+    results = run_vllm(dict(cpu_env, VLLM_ASER_KERNEL=kernel), model=str(model_dir), dtype="float32",
+                       expect_log=native)
     for result in results:
         greedy, ref_logprobs = reference_logprobs(model_dir, result["prompt_ids"], result["ids"])
         if exact_tokens:
@@ -74,7 +80,8 @@ def test_bf16_logprobs_close_to_reference(llama_aser_bf16, cpu_env):
     """bf16 keeps 8 mantissa bits (relative rounding 2^-9 per op), so logits drift by ~1e-2 through a model;
     tokens may flip where the top two are that close. Teacher forcing vLLM's own tokens through the float32
     reference compares like with like: every chosen token's logprob must agree within 0.1 nats."""
-    results = run_vllm(cpu_env, model=str(llama_aser_bf16), dtype="bfloat16")
+    results = run_vllm(cpu_env, model=str(llama_aser_bf16), dtype="bfloat16",
+                       expect_log="ASER cpu kernel: native path")
     for result in results:
         _, ref_logprobs = reference_logprobs(llama_aser_bf16, result["prompt_ids"], result["ids"])
         assert max(abs(a - b) for a, b in zip(result["logprobs"], ref_logprobs)) < 0.1
@@ -118,8 +125,8 @@ def _teacher_forced_logprobs(model_dir: Path) -> list[float]:
 
 
 def test_logprob_checks_would_catch_a_broken_kernel(llama_aser_fp32, tmp_path):
-    """Negative controls for the fp32 check above (tolerance 5e-3): a kernel that dropped the low-rank branch, or
-    used a smoothing vector 5% off, must move the logprobs of the same tokens by far more than that."""
+    """Negative controls for the fp32 check above (tolerance 2e-3 on this artifact): a kernel that dropped the
+    low-rank branch, or used a smoothing vector 5% off, must move the logprobs of the same tokens by far more."""
     import torch
     from artifact_edits import copy_artifact, edit_tensors
 
@@ -138,4 +145,4 @@ def test_logprob_checks_would_catch_a_broken_kernel(llama_aser_fp32, tmp_path):
         broken = copy_artifact(llama_aser_fp32, tmp_path / edit.__name__)
         edit_tensors(broken, edit)
         moved = max(abs(a - b) for a, b in zip(base, _teacher_forced_logprobs(broken)))
-        assert moved > 4 * 5e-3, f"{edit.__name__} moves logprobs by only {moved:.2e}"
+        assert moved > 10 * 2e-3, f"{edit.__name__} moves logprobs by only {moved:.2e}"

@@ -92,6 +92,7 @@ class ASERLinearMethod(LinearMethodBase):
         layer.aser_out_features = out_total
         layer.aser_act_bits = spec.activation_bits
         layer.aser_weight_bits = spec.weight_bits
+        layer.aser_name = self.prefix
         layer.aser_act_dtype = params_dtype
 
     def _create_lowrank(self, layer: torch.nn.Module, in_part: int, out_total: int, loader) -> None:
@@ -108,8 +109,8 @@ class ASERLinearMethod(LinearMethodBase):
             rank = self.ranks[0]
             if not rank:
                 return
-            down = SiblingSharedParameter(what=fmt.LOWRANK_DOWN, layer_name=self.prefix, input_dim=1, weight_loader=loader,
-                                          data=torch.zeros(rank, in_part, dtype=lowrank_dtype))
+            down = SiblingSharedParameter(what=fmt.LOWRANK_DOWN, layer_name=self.prefix, input_dim=1,
+                                          weight_loader=loader, data=torch.zeros(rank, in_part, dtype=lowrank_dtype))
             up = ChannelQuantScaleParameter(data=torch.zeros(out_total, rank, dtype=lowrank_dtype), output_dim=0,
                                             weight_loader=loader)
         else:

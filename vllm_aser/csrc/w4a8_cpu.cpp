@@ -35,6 +35,7 @@ constexpr int kBlockK = 8;   // input channels per block
 constexpr int kBlockBytes = kBlockN * kBlockK / 2;
 
 enum Isa : int64_t { kNone = 0, kAvx2 = 1, kAvx512Bw = 2, kAvx512Vnni = 3 };
+enum LowRankType : int { kLowRankF32 = 0, kLowRankF16 = 1, kLowRankBF16 = 2 };  // kept in the artifact's dtype
 
 int64_t detect_isa() {
   __builtin_cpu_init();
@@ -49,7 +50,8 @@ int64_t detect_isa() {
 struct ActivationPass {
   int64_t M, K, Kp, G, group, rank, qmax;
   const float* inv_smooth;  // [K] or nullptr
-  const c10::Half* down;    // [K, rank] (transposed; rank padded to a multiple of 16) or nullptr
+  const void* down;         // [K, rank] (transposed; rank padded to a multiple of 16) or nullptr
+  int lowrank_type;         // LowRankType of down and up
   int8_t* xq;               // [M, Kp], zero padded
   float* x_scale;           // [M]
   int32_t* x_sum;           // [M, G]: sum of x_q per weight group (removes the weight offset)
@@ -59,13 +61,14 @@ struct ActivationPass {
 struct GemmArgs {
   const uint8_t* w;      // [Nb, Kb, 64]
   const float* w_scale;  // [Nb, G, 16]
-  const c10::Half* up;   // [Nb, rank, 16] (rank padded as down's) or nullptr
+  const void* up;        // [Nb, rank, 16] (rank padded as down's) or nullptr
   const float* bias;     // [Nb * 16] or nullptr
   const int8_t* xq;
   const float* x_scale;
   const int32_t* x_sum;
   const float* t;
   int64_t M, N, Kb, G, group_kb, rank;
+  int lowrank_type;
 };
 
 // Entry points each ISA namespace defines (non-template, so that they carry the namespace's target options).
@@ -296,12 +299,17 @@ torch::Tensor w4a8_linear(const torch::Tensor& x_in, const torch::Tensor& w, con
   const int64_t group = group_size <= 0 ? Kp : group_size;
   TORCH_CHECK(group % kBlockK == 0 && (Kp + group - 1) / group == G, "aser w4a8: group size does not match scales");
   const int64_t rank = down.has_value() ? down->size(1) : 0;
+  int lowrank_type = kLowRankF32;
   if (rank) {
-    TORCH_CHECK(down->scalar_type() == at::kHalf && down->is_contiguous() && down->size(0) == K && rank % 16 == 0,
-                "aser w4a8: down must be float16 [K, rank] with rank a multiple of 16 (pack)");
-    TORCH_CHECK(up.has_value() && up->scalar_type() == at::kHalf && up->is_contiguous() && up->size(0) == Nb &&
+    const auto dt = down->scalar_type();
+    TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat,
+                "aser w4a8: low-rank factors must be float16, bfloat16 or float32");
+    lowrank_type = dt == at::kHalf ? kLowRankF16 : dt == at::kBFloat16 ? kLowRankBF16 : kLowRankF32;
+    TORCH_CHECK(down->is_contiguous() && down->size(0) == K && rank % 16 == 0,
+                "aser w4a8: down must be [K, rank] with rank a multiple of 16 (pack)");
+    TORCH_CHECK(up.has_value() && up->scalar_type() == dt && up->is_contiguous() && up->size(0) == Nb &&
                     up->size(1) == rank && up->size(2) == kBlockN,
-                "aser w4a8: up must be float16 [N/16, rank, 16]");
+                "aser w4a8: up must be [N/16, rank, 16] of down's dtype");
   }
   if (inv_smooth.has_value())
     TORCH_CHECK(inv_smooth->scalar_type() == at::kFloat && inv_smooth->numel() == K && inv_smooth->is_contiguous(),
@@ -315,15 +323,15 @@ torch::Tensor w4a8_linear(const torch::Tensor& x_in, const torch::Tensor& w, con
   auto x_sum = torch::empty({M, G}, x.options().dtype(at::kInt));
   auto t = torch::empty({M, std::max<int64_t>(rank, 1)}, x.options().dtype(at::kFloat));
   auto out = torch::empty({M, n_out}, x.options());
-  const auto* down_p = rank ? reinterpret_cast<const c10::Half*>(down->data_ptr<at::Half>()) : nullptr;
-  const auto* up_p = rank ? reinterpret_cast<const c10::Half*>(up->data_ptr<at::Half>()) : nullptr;
+  const void* down_p = rank ? down->data_ptr() : nullptr;
+  const void* up_p = rank ? up->data_ptr() : nullptr;
   ActivationPass p{M, K, Kp, G, group, rank, (int64_t{1} << (act_bits - 1)) - 1,
-                   inv_smooth.has_value() ? inv_smooth->data_ptr<float>() : nullptr, down_p,
+                   inv_smooth.has_value() ? inv_smooth->data_ptr<float>() : nullptr, down_p, lowrank_type,
                    xq.data_ptr<int8_t>(), x_scale.data_ptr<float>(), x_sum.data_ptr<int32_t>(), t.data_ptr<float>()};
   GemmArgs a{w.data_ptr<uint8_t>(), w_scale.data_ptr<float>(), up_p,
              bias.has_value() ? bias->data_ptr<float>() : nullptr,
              xq.data_ptr<int8_t>(), x_scale.data_ptr<float>(), x_sum.data_ptr<int32_t>(), t.data_ptr<float>(),
-             M, n_out, Kb, G, group / kBlockK, rank};
+             M, n_out, Kb, G, group / kBlockK, rank, lowrank_type};
   if (M == 0) return out;
   switch (x.scalar_type()) {
     case at::kFloat:

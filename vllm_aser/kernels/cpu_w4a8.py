@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 BLOCK_N, BLOCK_K = 16, 8  # one packed block: 16 output channels x 8 input channels, 64 bytes
 LOWRANK_UNIT = 16  # ranks are padded to a multiple of this (one vector of float32 lanes)
+LOWRANK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the kernel reads each as stored
 ISA_ENV_VAR = "VLLM_ASER_CPU_ISA"  # cap the ISA path (e.g. avx2 on an AVX-512 machine, to test the lower paths)
 ISAS = {"avx2": 1, "avx512bw": 2, "avx512_vnni": 3}  # the kernel's enum, lowest first
 ISA_DESCRIPTIONS = {
@@ -82,8 +83,8 @@ class PackedW4A8:
     weight: torch.Tensor  # uint8 [N/16, K/8, 64]
     scale: torch.Tensor  # float32 [N/16, groups, 16]
     group_size: int  # -1: per channel
-    down: torch.Tensor | None  # float16 [K, rank] (transposed, rank padded to a multiple of 16)
-    up: torch.Tensor | None  # float16 [N/16, rank, 16]
+    down: torch.Tensor | None  # [K, rank] (transposed, rank padded to a multiple of 16), the artifact's dtype
+    up: torch.Tensor | None  # [N/16, rank, 16], the same dtype
     bias: torch.Tensor | None  # float32 [N/16 * 16]
     out_features: int
 
@@ -122,10 +123,12 @@ def pack(q, scale, group_size, down, up, bias) -> PackedW4A8:
     n = q.shape[0]
     weight, packed_scale = pack_weight(q, scale, group_size)
     n_pad = weight.shape[0] * BLOCK_N
-    if down is not None:  # ranks padded with zero factors to whole vectors; down transposed to [K, rank]
+    if down is not None:  # in the artifact's dtype; ranks padded with zero factors; down transposed to [K, rank]
+        if down.dtype not in LOWRANK_DTYPES:
+            raise ValueError(f"pack: low-rank factors of dtype {down.dtype}; expected one of {LOWRANK_DTYPES}")
         r_pad = _ceil_to(down.shape[0], LOWRANK_UNIT) - down.shape[0]
-        down = F.pad(down.to(torch.float16), (0, 0, 0, r_pad)).t().contiguous()
-        up = _blocks_of_channels(F.pad(up.to(torch.float16), (0, r_pad)), n_pad)
+        down = F.pad(down, (0, 0, 0, r_pad)).t().contiguous()
+        up = _blocks_of_channels(F.pad(up.to(down.dtype), (0, r_pad)), n_pad)
     return PackedW4A8(
         weight=weight,
         scale=packed_scale,
@@ -149,9 +152,8 @@ def why_not(q_bits: int, act_bits: int, in_features: int, group_size: int,
         return f"{act_bits}-bit activations"
     if group_size != -1 and group_size % BLOCK_K:
         return f"group size {group_size} is not a multiple of {BLOCK_K}"
-    for name, t in (("down", down), ("up", up)):
-        if t is not None and t.dtype != torch.float16 and not torch.equal(t.to(torch.float16).to(t.dtype), t):
-            return f"the low-rank {name}-projection ({t.dtype}) is not exactly representable in float16"
+    if down is not None and (down.dtype not in LOWRANK_DTYPES or up is None or up.dtype != down.dtype):
+        return f"low-rank factors of dtype {down.dtype} / {None if up is None else up.dtype}"
     return None
 
 

@@ -158,11 +158,15 @@ class CUDAKernel:
     description = "Triton: fused smoothing + per-token int8 + low-rank down, int8 x packed-int4 GEMM with fused epilogue"
 
     def prepare(self, layer, q, scale, inv_smooth, down, up, group_size: int) -> None:
+        name = getattr(layer, "aser_name", "an ASER layer")
+        if (bits := getattr(layer, "aser_weight_bits", 4)) != 4:
+            raise ValueError(f"{name}: the cuda kernel runs int4 weights only, this artifact has {bits}-bit weights: "
+                             f"set {ENV_VAR}=reference, or re-quantize with --w-bits 4")
         from vllm_aser.kernels.triton_w4a8 import UNIT, pack_int4_kn
 
         if group_size != -1 and group_size % UNIT:
-            raise ValueError(f"the cuda kernel needs a weight group size that is a multiple of {UNIT} (this model has "
-                             f"{group_size}): re-quantize with --group-size 128, or set {ENV_VAR}=reference")
+            raise ValueError(f"{name}: the cuda kernel needs a weight group size that is a multiple of {UNIT} (this "
+                             f"model has {group_size}): re-quantize with --group-size 128, or set {ENV_VAR}=reference")
         weight = pack_int4_kn(q, scale, group_size)
         act_dtype = layer.aser_act_dtype
         layer.aser_group = weight.group_size
