@@ -122,7 +122,7 @@ def render(results: dict) -> str:
              "run. Weight bytes: the model's safetensors files on disk (embeddings included).", "",
              f"vLLM {results.get('_vllm', '?')}.", ""]
     for model, per_model in results.items():
-        if model.startswith("_"):
+        if model.startswith("_") or not per_model["runs"]:
             continue
         lines += [f"## {model}", "", f"Machine: {per_model.get('machine', 'not recorded')}.", "",
                   "| method | weight bytes | workload (in/out × prompts) | tokens/s | output tokens/s | × BF16 | "
@@ -144,7 +144,7 @@ def plot(results: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = [m for m in results if not m.startswith("_")]
+    models = [m for m in results if not m.startswith("_") and results[m]["runs"]]
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), dpi=120, squeeze=False)
     for ax, model in zip(axes[0], models):
         runs = results[model]["runs"]
