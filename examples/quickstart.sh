@@ -32,4 +32,5 @@ for _ in $(seq 1 300); do
 done
 curl -sf "http://127.0.0.1:$PORT/health" >/dev/null || { echo "server not healthy after 300 s" >&2; exit 1; }
 grep -m1 "ASER kernel" "$LOG" | sed 's/^.*ASER kernel/== ASER kernel/' || true
+grep "ASER cpu kernel" "$LOG" | sed 's/^.*ASER cpu kernel/== ASER cpu kernel/' | sort -u || true
 python examples/query_server.py --base-url "http://127.0.0.1:$PORT/v1"

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from artifact_edits import BROKEN, copy_artifact, edit_quant_config
+from artifact_edits import BROKEN, BROKEN_AT_LOAD, copy_artifact, edit_quant_config
 
 pytestmark = pytest.mark.vllm
 
@@ -24,9 +24,9 @@ def load_error(model_dir: Path, env: dict, quantization: str = "aser") -> str:
     return proc.stderr + proc.stdout  # errors raised in a worker process are logged on its stdout
 
 
-@pytest.mark.parametrize("case", sorted(BROKEN))
+@pytest.mark.parametrize("case", sorted(BROKEN) + sorted(BROKEN_AT_LOAD))
 def test_broken_artifact_is_refused_with_a_named_cause(case, llama_aser_fp32, tmp_path, cpu_env):
-    break_it, message = BROKEN[case]
+    break_it, message = {**BROKEN, **BROKEN_AT_LOAD}[case]
     model_dir = copy_artifact(llama_aser_fp32, tmp_path / case)
     break_it(model_dir)
     assert message in load_error(model_dir, cpu_env)
