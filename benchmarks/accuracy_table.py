@@ -42,7 +42,10 @@ class Row:
 
 # The method ablation compares methods on the plain round-to-nearest base, as the paper does, whatever the
 # shipped defaults are; the base-quantizer section and the defaults row show what a better base adds.
-PLAIN = ("--base", "rtn", "--clip", "minmax")
+PLAIN = ("--base", "rtn", "--clip", "minmax", "--rotate", "none", "--fit-target", "layer")
+# The base-quantizer and tuning rows keep the setting they were measured in (before rotation and the
+# full-precision fit target existed), so that each row changes one thing against its neighbours.
+UNROTATED = ("--rotate", "none", "--fit-target", "layer")
 
 
 def _lowrank_rows(section: str, prefix: str) -> list[Row]:
@@ -78,7 +81,8 @@ def table_rows() -> list[Row]:
     gq = "Base quantizer: GPTQ (`--base gptq`) and clipped scales (`--clip mse`), W4A8"
 
     def based(rid, label, method, base, clip, *extra, baseline="w4a8-rtn"):
-        return Row(rid, gq, label, ("--method", method, *extra, "--base", base, "--clip", clip), baseline=baseline)
+        return Row(rid, gq, label, ("--method", method, *extra, "--base", base, "--clip", clip, *UNROTATED),
+                   baseline=baseline)
 
     rows += [
         based("clip-rtn", "`rtn`, clipped scales", "rtn", "rtn", "mse"),
@@ -101,16 +105,50 @@ def table_rows() -> list[Row]:
         Row("w4a6-er-b3", a6, "`er` budget 3%", ("--method", "er", "--a-bits", "6", *PLAIN), baseline="w4a6-rtn"),
         Row("w4a6-aser-b3", a6, "`aser` budget 3%", ("--method", "aser", "--a-bits", "6", *PLAIN),
             baseline="w4a6-rtn"),
-        Row("w4a6-defaults", a6, "`aser-quantize` defaults, `--a-bits 6`", ("--a-bits", "6"), baseline="w4a6-rtn"),
+        Row("w4a6-defaults", a6, "`aser` budget 3%, GPTQ + clipped scales, `--a-bits 6`",
+            ("--a-bits", "6", *UNROTATED), baseline="w4a6-rtn"),
     ]
-    tune = "Tuning around the defaults (W4A8 per-channel, budget 3%): one option changed per row"
+    tune = ("Tuning around `aser` budget 3%, GPTQ + clipped scales, no rotation (W4A8 per-channel): one option "
+            "changed per row")
     for outliers in ("8", "16"):  # outliers 0 is `er` (smoothing acts on the extracted channels only)
-        rows.append(Row(f"tune-outliers{outliers}", tune, f"outliers {outliers}", ("--outliers", outliers)))
+        rows.append(Row(f"tune-outliers{outliers}", tune, f"outliers {outliers}",
+                        ("--outliers", outliers, *UNROTATED)))
     for alpha in ("0.25", "0.75"):
-        rows.append(Row(f"tune-alpha{alpha}", tune, f"alpha {alpha}", ("--alpha", alpha)))
-    rows.append(Row("tune-no-propagate", tune, "no propagation of quantized outputs", ("--no-propagate",)))
-    rows.append(Row("tune-separate-lowrank", tune, "one low-rank pair per projection", ("--no-joint-lowrank",)))
+        rows.append(Row(f"tune-alpha{alpha}", tune, f"alpha {alpha}", ("--alpha", alpha, *UNROTATED)))
+    rows.append(Row("tune-no-propagate", tune, "no propagation of quantized outputs", ("--no-propagate", *UNROTATED)))
+    rows.append(Row("tune-separate-lowrank", tune, "one low-rank pair per projection",
+                    ("--no-joint-lowrank", *UNROTATED)))
+    rows += rotation_rows()
     return rows
+
+
+def rotation_rows() -> list[Row]:
+    """Residual-stream rotation (--rotate hadamard) and the full-precision fit target (--fit-target model),
+    each alone and together, on the GPTQ + clipped-scales base (issue 18)."""
+    sec = ("Rotation (`--rotate hadamard`) and the full-precision fit target (`--fit-target model`), GPTQ + "
+           "clipped scales unless noted")
+    rot, fit = ("--rotate", "hadamard"), ("--fit-target", "model")
+    no_rot, no_fit = ("--rotate", "none"), ("--fit-target", "layer")
+    g = ("--group-size", "128")
+
+    def row(rid, label, *args, baseline="w4a8-rtn"):
+        return Row(rid, sec, label, args, baseline=baseline)
+
+    return [
+        row("rot-plain-rtn", "`rtn`, rotated, RTN base (QuaRot-style RTN)", "--method", "rtn", *rot,
+            "--base", "rtn", "--clip", "minmax"),
+        row("rot-rtn", "`rtn`, rotated", "--method", "rtn", *rot, *no_fit),
+        row("rot-er-b3", "`er` budget 3%, rotated", "--method", "er", *rot, *no_fit),
+        row("rot-aser-b3", "`aser` budget 3%, rotated", "--method", "aser", *rot, *no_fit),
+        row("fit-aser-b3", "`aser` budget 3%, full-precision target", "--method", "aser", *no_rot, *fit),
+        row("rot-fit-rtn", "`rtn`, rotated, full-precision target", "--method", "rtn", *rot, *fit),
+        row("rot-fit-er-b3", "`er` budget 3%, rotated, full-precision target", "--method", "er", *rot, *fit),
+        row("rot-fit-aser-b3", "`aser` budget 3%, rotated, full-precision target", "--method", "aser", *rot, *fit),
+        row("rot-g128-aser-b3", "`aser` group 128 budget 3%, rotated", "--method", "aser", *g, *rot, *no_fit,
+            baseline="g128-rtn"),
+        row("rot-fit-g128-aser-b3", "`aser` group 128 budget 3%, rotated, full-precision target", "--method",
+            "aser", *g, *rot, *fit, baseline="g128-rtn"),
+    ]
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -166,10 +204,20 @@ def resolved_options(row: Row) -> dict | None:
     return QuantizeOptions(**{k: v for k, v in parsed.items() if k in QuantizeOptions.__dataclass_fields__}).to_dict()
 
 
+# Options added after rows were cached, each with the value that reproduces the behaviour from before it
+# existed: a cached row without the option still matches a row that resolves to that value.
+ADDED_OPTIONS = {"rotate": "none", "fit_target": "layer"}
+
+
 def is_cached(row: Row, results: dict) -> bool:
+    """Cached while the row resolves to the options it was computed with (the command line may spell them
+    differently, e.g. a newly pinned option at its old behaviour)."""
     rec = results.get(row.id)
-    return (rec is not None and rec.get("command") == row_command(row) and rec.get("eval") == EVAL_SETS
-            and rec.get("options") == resolved_options(row))
+    if rec is None or rec.get("eval") != EVAL_SETS:
+        return False
+    if not row.quantized:
+        return rec.get("command") == row_command(row)
+    return {**ADDED_OPTIONS, **rec.get("options", {})} == resolved_options(row)
 
 
 def row_command(row: Row) -> str:

@@ -7,7 +7,17 @@ import json
 import sys
 
 from offline import __version__
-from offline.options import BASES, CLIPS, DTYPES, EXPORTS, METHODS, OptionsError, QuantizeOptions
+from offline.options import (
+    BASES,
+    CLIPS,
+    DTYPES,
+    EXPORTS,
+    FIT_TARGETS,
+    METHODS,
+    ROTATIONS,
+    OptionsError,
+    QuantizeOptions,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", choices=CLIPS, default=defaults.clip,
                    help="weight scales: minmax (absmax of each channel/group) or mse (the clipped scale that "
                    "minimizes the input-weighted rounding error)")
+    p.add_argument("--rotate", choices=ROTATIONS, default=defaults.rotate,
+                   help="hadamard: rotate the residual stream by a random Hadamard matrix folded into the weights "
+                   "(norm weights folded into the linears; no cost at serving), which spreads outlier channels "
+                   "before quantization")
+    p.add_argument("--fit-target", choices=FIT_TARGETS, default=defaults.fit_target,
+                   help="what GPTQ and the low-rank branch fit: layer (each layer's own weight on the quantized "
+                   "model's inputs) or model (the full-precision model's outputs, from a second calibration stream)")
     p.add_argument("--no-act-order", dest="act_order", action="store_false",
                    help="gptq: round columns in stored order instead of by decreasing Hessian diagonal")
     rank = p.add_mutually_exclusive_group()

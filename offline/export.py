@@ -103,8 +103,12 @@ def copy_side_files(source: Path, directory: Path) -> None:
             shutil.copy2(path, directory / path.name)
 
 
-def write_config(source: Path, directory: Path, quantization_config: dict, dtype: str) -> None:
-    config = json.loads((source / "config.json").read_text())
+def write_config(
+    source: Path, directory: Path, quantization_config: dict, dtype: str, overrides: dict | None = None
+) -> None:
+    """The source config with the quantization section, the export dtype and `overrides` (e.g. untied
+    embeddings after a rotation)."""
+    config = json.loads((source / "config.json").read_text()) | (overrides or {})
     config.pop("quantization_config", None)
     config["torch_dtype"] = dtype
     if "dtype" in config:

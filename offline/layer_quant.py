@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from offline.fit_target import target_weight
 from offline.gptq import quantize_gptq
 from offline.options import QuantizeOptions
 from offline.rank_allocation import energy_rank, pad_rank, provisional_budget_rank
@@ -122,13 +123,19 @@ def _base_quantize(
 
 
 def quantize_group(
-    linears: dict[str, torch.nn.Linear], stats: ActivationStats, opts: QuantizeOptions
+    linears: dict[str, torch.nn.Linear],
+    stats: ActivationStats,
+    opts: QuantizeOptions,
+    cross: torch.Tensor | None = None,
 ) -> list[QuantizedLinear]:
-    """Smooth, extract, quantize and reconstruct every linear of one shared-input group."""
+    """Smooth, extract, quantize and reconstruct every linear of one shared-input group. With `cross`
+    (X_fp^T X_q), every step fits the full-precision model's outputs instead (offline/fit_target.py)."""
     weights = {name: lin.weight.detach().float() for name, lin in linears.items()}
     for name, w in weights.items():
         if not torch.isfinite(w).all():
             raise ValueError(f"weight of {name} contains NaN or inf: the source model is broken")
+    if cross is not None:
+        weights = {name: target_weight(w, cross, stats.gram, opts.damp) for name, w in weights.items()}
     in_features = next(iter(weights.values())).shape[1]
     weight_max = torch.stack([w.abs().amax(dim=0) for w in weights.values()]).amax(dim=0)
 

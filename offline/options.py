@@ -10,6 +10,8 @@ DTYPES = ("float16", "bfloat16", "float32")
 BASES = ("rtn", "gptq")
 CLIPS = ("minmax", "mse")
 EXPORTS = ("aser", "compressed-tensors")
+ROTATIONS = ("hadamard", "none")
+FIT_TARGETS = ("layer", "model")
 COMPRESSED_TENSORS_BITS = ((8, 8), (4, 16))  # W8A8 int8, W4A16
 
 
@@ -34,6 +36,8 @@ class QuantizeOptions:
     alpha: float = 0.5
     outliers: int = 4
     damp: float = 0.01
+    rotate: str = "none"
+    fit_target: str = "layer"
     propagate_quantized: bool = True
     joint_lowrank: bool = True
     dtype: str = "bfloat16"
@@ -50,6 +54,10 @@ class QuantizeOptions:
             raise OptionsError(f"--base must be one of {BASES}, got {self.base!r}")
         if self.clip not in CLIPS:
             raise OptionsError(f"--clip must be one of {CLIPS}, got {self.clip!r}")
+        if self.rotate not in ROTATIONS:
+            raise OptionsError(f"--rotate must be one of {ROTATIONS}, got {self.rotate!r}")
+        if self.fit_target not in FIT_TARGETS:
+            raise OptionsError(f"--fit-target must be one of {FIT_TARGETS}, got {self.fit_target!r}")
         if self.w_bits not in (4, 8):
             raise OptionsError(f"--w-bits must be 4 or 8, got {self.w_bits}")
         if self.export not in EXPORTS:

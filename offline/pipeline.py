@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from offline import __version__
 from offline.calibration import read_texts, token_windows
+from offline.fit_target import CrossStats
 from offline.export import atomic_output_dir, copy_side_files, quantized_tensors, write_config, write_shards
 from offline.layer_quant import QuantizedLinear, quantize_group
 from offline.model_structure import capture_block_inputs, run_block, shared_input_groups
@@ -27,6 +28,7 @@ from offline.options import QuantizeOptions
 from offline.rank_allocation import LayerSpectrum, allocate_budget
 from offline.source_model import open_source_model
 from offline.report import build_report
+from offline.rotation import check_rotatable, residual_rotation, rotate_block, rotate_outside
 from offline.simulate import ReferenceASERLinear, set_submodule
 from offline.whitening import ActivationStats
 from vllm_aser import format as fmt
@@ -52,31 +54,57 @@ def _simulated(result: QuantizedLinear, opts: QuantizeOptions) -> ReferenceASERL
     return ReferenceASERLinear(weight, 1.0 / result.smooth, down, up, result.bias, opts.a_bits)
 
 
-def quantize_block(block, block_prefix, inputs, opts) -> tuple[list[QuantizedLinear], list[torch.Tensor]]:
-    """Quantize one decoder block; return its results and the block's outputs (the next block's inputs)."""
+class _InputHooks:
+    """Call fn(group key, input tensor) for the first linear of every shared-input group while active."""
+
+    def __init__(self, block, groups: list[list[str]], fn):
+        self.block, self.groups, self.fn = block, groups, fn
+
+    def __enter__(self):
+        self.handles = [
+            self.block.get_submodule(g[0]).register_forward_pre_hook(
+                lambda _m, args, key=tuple(g): self.fn(key, args[0]))
+            for g in self.groups
+        ]
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+def quantize_block(
+    block, block_prefix, inputs, opts, fp_inputs=None
+) -> tuple[list[QuantizedLinear], list[torch.Tensor], list[torch.Tensor] | None]:
+    """Quantize one decoder block; return its results, the block's outputs (the next block's inputs) and, with
+    `fp_inputs` (the full-precision model's stream, for --fit-target model), the full-precision outputs."""
     groups = shared_input_groups(block, *inputs[0])
     stats = {tuple(g): ActivationStats(block.get_submodule(g[0]).in_features) for g in groups}
-    handles = [
-        block.get_submodule(g[0]).register_forward_pre_hook(lambda _m, args, s=stats[tuple(g)]: s.update(args[0]))
-        for g in groups
-    ]
-    outputs = []
+    cross = {key: CrossStats(s.gram.shape[0]) for key, s in stats.items()} if fp_inputs is not None else {}
+    captured: dict[tuple, torch.Tensor] = {}
+
+    def record(key, x):
+        stats[key].update(x)
+        if key in cross:
+            cross[key].update(captured.pop(key), x)
+
+    outputs, fp_outputs = [], [] if fp_inputs is not None else None
     with torch.no_grad():
-        try:
-            for hidden, kwargs in inputs:
+        for i, (hidden, kwargs) in enumerate(inputs):
+            if fp_inputs is not None:
+                with _InputHooks(block, groups, captured.__setitem__):
+                    fp_outputs.append(run_block(block, fp_inputs[i][0], kwargs))
+            with _InputHooks(block, groups, record):
                 outputs.append(run_block(block, hidden, kwargs))
-        finally:
-            for handle in handles:
-                handle.remove()
         results = []
         for group in groups:
             linears = {f"{block_prefix}.{n}": block.get_submodule(n) for n in group}
-            results.extend(quantize_group(linears, stats[tuple(group)], opts))
+            key = tuple(group)
+            results.extend(quantize_group(linears, stats[key], opts, cross[key].cross if key in cross else None))
         if opts.propagate_quantized:
             for name, result in zip([n for g in groups for n in g], results):
                 set_submodule(block, name, _simulated(result, opts))
             outputs = [run_block(block, hidden, kwargs) for hidden, kwargs in inputs]
-    return results, outputs
+    return results, outputs, fp_outputs
 
 
 def unquantized_tensors(
@@ -138,9 +166,16 @@ def quantize_model(
     texts = read_texts(calib)
     tokenizer, source = open_source_model(model_dir)
     model, stack = source.model, source.stack
+    rotation, untied = None, False
+    if opts.rotate != "none":
+        check_rotatable(model, stack)
+        rotation = residual_rotation(model.get_input_embeddings().weight.shape[1], opts.seed)
+        untied = rotate_outside(model, stack, rotation)
     samples = token_windows(texts, tokenizer, opts.num_samples, opts.seq_len, opts.seed)
     batches = list(samples.split(opts.batch_size))
     inputs = capture_block_inputs(model, stack, batches)
+    # the full-precision model's stream, kept beside the quantized one only when it differs and is the target
+    fp_inputs = list(inputs) if opts.fit_target == "model" and opts.propagate_quantized else None
 
     dtype = getattr(torch, opts.dtype)
     results: list[QuantizedLinear] = []
@@ -149,13 +184,17 @@ def quantize_model(
     for index in bar:
         prefix = f"{stack.prefix}.{index}"
         block = source.materialize_block(index)
-        block_results, outputs = quantize_block(block, prefix, inputs, opts)
+        if rotation is not None:
+            rotate_block(block, prefix, rotation)
+        block_results, outputs, fp_outputs = quantize_block(block, prefix, inputs, opts, fp_inputs)
         results.extend(block_results)
         tensors.update(unquantized_tensors(block, prefix, {r.name for r in block_results}, dtype))
         source.release_block(index)
         inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs)]
+        if fp_outputs is not None:
+            fp_inputs = [(out, kwargs) for out, (_, kwargs) in zip(fp_outputs, inputs)]
         bar.set_postfix(rss=f"{peak_rss_mib():.0f}MiB")
-    del inputs
+    del inputs, fp_inputs
 
     if opts.rank_budget is not None:
         allocate_ranks(results, opts.rank_budget)
@@ -197,6 +236,7 @@ def quantize_model(
         "calibration": calibration,
         "options": opts.to_dict(),
         "rank_rule": opts.rank_rule,
+        "rotation": None if rotation is None else {"kind": rotation.kind, "untied_embeddings": untied},
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
@@ -209,7 +249,7 @@ def quantize_model(
         write_shards(tensors, tmp)
         copy_side_files(model_dir, tmp)
         (tmp / fmt.REPORT_FILENAME).write_text(json.dumps(report, indent=2) + "\n")
-        write_config(model_dir, tmp, quant_config, opts.dtype)
+        write_config(model_dir, tmp, quant_config, opts.dtype, {"tie_word_embeddings": False} if untied else None)
         if cfg is not None:
             fmt.validate_checkpoint(tmp, cfg)
     return QuantizeSummary(output_dir, report, time.perf_counter() - start, peak_rss_mib())

@@ -73,6 +73,18 @@ def llama_aser_bf16(workdir, tiny_llama, calib_text) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen2_tied(workdir) -> Path:
+    return build_tiny_model(workdir / "qwen2-tied", "qwen2", seed=2, tie_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def qwen2_aser_rotated(workdir, tiny_qwen2_tied, calib_text) -> Path:
+    """Rotated residual stream (tied embeddings, so the head is untied) fitted to the full-precision model."""
+    return quantize(tiny_qwen2_tied, workdir / "qwen2-aser-rotated", calib_text, rank=8, group_size=64,
+                    dtype="float32", rotate="hadamard", fit_target="model")
+
+
+@pytest.fixture(scope="session")
 def qwen2_aser_fp32(workdir, tiny_qwen2, calib_text) -> Path:
     """Fixed rank and group-wise scales; Qwen2 has q/k/v biases."""
     return quantize(tiny_qwen2, workdir / "qwen2-aser-fp32", calib_text, rank=8, group_size=64, dtype="float32")

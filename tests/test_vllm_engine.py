@@ -62,6 +62,7 @@ def reference_logprobs(model_dir: Path, prompt_ids: list[int], ids: list[int]) -
         ("llama_aser_fp32_separate", "cpu", True, 1e-4),
         ("qwen2_aser_fp32", "reference", True, 2e-4),
         ("qwen2_aser_fp32", "cpu", True, 1e-4),
+        ("qwen2_aser_rotated", "cpu", True, 1e-4),
     ],
 )
 def test_fp32_tokens_and_logprobs_match_reference(artifact, kernel, exact_tokens, tolerance, request, cpu_env):

@@ -49,9 +49,15 @@ def train_tokenizer(directory: Path, vocab_size: int = 512):
 
 
 def build_tiny_model(
-    directory: Path, family: str = "llama", seed: int = 0, hidden: int = 128, intermediate: int | None = None
+    directory: Path,
+    family: str = "llama",
+    seed: int = 0,
+    hidden: int = 128,
+    intermediate: int | None = None,
+    tie_embeddings: bool = False,
 ) -> Path:
-    """A random-weight causal LM of the given family with a locally trained tokenizer, in float32."""
+    """A random-weight causal LM of the given family with a locally trained tokenizer, in float32. Tied
+    embeddings come with a non-unit final norm weight (a rotation must then untie the head)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     directory = Path(directory)
@@ -68,7 +74,7 @@ def build_tiny_model(
         max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_embeddings,
     )
     torch.manual_seed(seed)
     if family == "llama":
@@ -81,6 +87,8 @@ def build_tiny_model(
         for layer in model.model.layers:
             layer.input_layernorm.weight[:3] = 8.0
             layer.post_attention_layernorm.weight[5:7] = 6.0
+        if tie_embeddings:
+            model.model.norm.weight.uniform_(0.5, 1.5)
     model.save_pretrained(directory)
     return directory
 

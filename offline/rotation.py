@@ -1,0 +1,191 @@
+"""Residual-stream rotation folded into the weights offline (QuaRot / SpinQuant's R1; nothing at run time).
+
+With the residual stream rotated, h -> h Q for an orthogonal Q, a weight-free RMSNorm commutes with Q
+(rms(h Q) = rms(h)). So once each RMSNorm's weight is folded into the linears that read it, the model computes
+the same function with
+    embeddings E -> E Q,   readers (q/k/v, gate/up, head) W -> W diag(g) Q,   writers (o, down) W -> Q^T W,
+and every norm weight set to 1. vLLM runs the result as an ordinary checkpoint. A random Hadamard Q spreads
+each outlier channel over all channels, so the residual-stream activations and the readers' weight columns
+lose the outliers that per-channel int4 weights and per-token int8 activations handle worst.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from offline.model_structure import DecoderStack, UnsupportedModelError
+
+logger = logging.getLogger("offline.rotation")
+
+# linears fed by each norm, and linears that write into the residual stream (Llama, Qwen2, Qwen3, Mistral)
+READERS = {
+    "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
+}
+WRITERS = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def _is_prime(q: int) -> bool:
+    return q >= 2 and all(q % d for d in range(2, int(q**0.5) + 1))
+
+
+def _jacobsthal(q: int) -> torch.Tensor:
+    """Q[i, j] = chi(j - i), chi the quadratic character mod the prime q."""
+    squares = {(x * x) % q for x in range(1, q)}
+    chi = torch.tensor([0.0] + [1.0 if a in squares else -1.0 for a in range(1, q)], dtype=torch.float64)
+    idx = torch.arange(q)
+    return chi[(idx[None, :] - idx[:, None]) % q]
+
+
+def _paley(n: int) -> torch.Tensor | None:
+    """Paley I (n = q + 1, q = 3 mod 4) or Paley II (n = 2 (q + 1), q = 1 mod 4), q prime."""
+    q = n - 1
+    if _is_prime(q) and q % 4 == 3:
+        s = torch.zeros(n, n, dtype=torch.float64)
+        s[0, 1:], s[1:, 0], s[1:, 1:] = 1.0, -1.0, _jacobsthal(q)
+        return s + torch.eye(n, dtype=torch.float64)
+    q = n // 2 - 1
+    if n % 2 == 0 and _is_prime(q) and q % 4 == 1:
+        c = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+        c[0, 1:], c[1:, 0], c[1:, 1:] = 1.0, 1.0, _jacobsthal(q)
+        one = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+        zero = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
+        return torch.kron(c, one) + torch.kron(torch.eye(q + 1, dtype=torch.float64), zero)
+    return None
+
+
+@lru_cache(maxsize=16)
+def hadamard_matrix(n: int) -> torch.Tensor | None:
+    """A +-1 matrix H with H H^T = n I (Sylvester doubling, Paley I/II, Kronecker products), or None when
+    none of these constructions reaches n (n not 1, 2 or a multiple of 4 has none at all)."""
+    if n in (1, 2):
+        return torch.tensor([[1.0]] if n == 1 else [[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    if n % 4:
+        return None
+    paley = _paley(n)
+    if paley is not None:
+        return paley
+    half = hadamard_matrix(n // 2)
+    if half is not None:
+        return torch.kron(hadamard_matrix(2), half)
+    for a in range(4, int(n**0.5) + 1, 4):
+        if n % a == 0 and (n // a) % 4 == 0:
+            left, right = hadamard_matrix(a), hadamard_matrix(n // a)
+            if left is not None and right is not None:
+                return torch.kron(left, right)
+    return None
+
+
+@dataclass
+class ResidualRotation:
+    matrix: torch.Tensor  # [hidden, hidden] float64, orthogonal
+    kind: str  # "hadamard", or "orthogonal" where no Hadamard matrix of that order is constructed
+
+
+def residual_rotation(hidden: int, seed: int) -> ResidualRotation:
+    """Q = diag(random signs) H / sqrt(n) (a random Hadamard rotation), or a random orthogonal matrix (QR of a
+    Gaussian) where no Hadamard construction reaches `hidden`."""
+    gen = torch.Generator().manual_seed(seed)
+    h = hadamard_matrix(hidden)
+    if h is not None:
+        signs = torch.randint(0, 2, (hidden,), generator=gen).double() * 2 - 1
+        return ResidualRotation(signs[:, None] * h / hidden**0.5, "hadamard")
+    logger.warning("no Hadamard matrix of order %d is constructed here: rotating by a random orthogonal matrix",
+                   hidden)
+    q, r = torch.linalg.qr(torch.randn(hidden, hidden, generator=gen, dtype=torch.float64))
+    return ResidualRotation(q * torch.sign(r.diagonal())[None, :], "orthogonal")
+
+
+def _plain_rmsnorm_weight(norm: nn.Module, name: str) -> torch.Tensor:
+    """The weight g of a norm computing g * x / rms(x); anything else (LayerNorm's mean and bias, Gemma's
+    (1 + g)) does not commute with a rotation and is refused."""
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.is_meta:
+        raise UnsupportedModelError(f"--rotate: {name} has no materialized 1-D weight (not an RMSNorm)")
+    weight = weight.detach()
+    x = torch.randn(3, weight.shape[0], generator=torch.Generator().manual_seed(0)) * 4 + 1
+    with torch.no_grad():
+        got = norm(x.to(weight.dtype)).double()
+    expected = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True)) * weight.double()
+    if not torch.allclose(got, expected, rtol=1e-3, atol=1e-4 * float(weight.abs().max())):
+        raise UnsupportedModelError(
+            f"--rotate: {name} ({type(norm).__name__}) does not compute weight * x / rms(x), so a rotation of "
+            "the residual stream would change the model; quantize this family with --rotate none"
+        )
+    return weight.float()
+
+
+def _get(module: nn.Module, name: str, where: str) -> nn.Module:
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        raise UnsupportedModelError(
+            f"--rotate: {where} has no {name}; rotation knows Llama-style blocks (input_layernorm -> q/k/v_proj, "
+            "post_attention_layernorm -> gate/up_proj, o_proj and down_proj writing the residual): quantize this "
+            "family with --rotate none"
+        ) from None
+
+
+def _set(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    with torch.no_grad():
+        linear.weight.copy_(weight.to(linear.weight.dtype))
+        if bias is not None:
+            linear.bias.copy_(bias.to(linear.bias.dtype))
+
+
+def rotate_block(block: nn.Module, where: str, rotation: ResidualRotation) -> None:
+    """Fold the block's norm weights into its readers and rotate readers and writers, in place."""
+    q = rotation.matrix.float()  # float32 products: ~1e-7 relative, half the time of float64 on large models
+    for norm_name, readers in READERS.items():
+        norm = _get(block, norm_name, where)
+        gain = _plain_rmsnorm_weight(norm, f"{where}.{norm_name}")
+        for name in readers:
+            linear = _get(block, name, where)
+            _set(linear, (linear.weight.float() * gain[None, :]) @ q)
+        with torch.no_grad():
+            norm.weight.fill_(1.0)
+    for name in WRITERS:
+        linear = _get(block, name, where)
+        bias = None if linear.bias is None else linear.bias.float() @ q
+        _set(linear, q.t() @ linear.weight.float(), bias)
+
+
+def check_rotatable(model: nn.Module, stack: DecoderStack) -> None:
+    """Refuse, by name, what rotate_model could not rotate exactly (before any block is read)."""
+    block = stack.layers[0]
+    for name in (*READERS, *(r for rs in READERS.values() for r in rs), *WRITERS):
+        _get(block, name, f"{stack.prefix}.0")
+    parent_name = stack.prefix.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    _get(parent, "norm", parent_name or type(model).__name__)
+    if not isinstance(model.get_input_embeddings(), nn.Embedding) or model.get_output_embeddings() is None:
+        raise UnsupportedModelError("--rotate: the model needs an nn.Embedding input and a linear head")
+
+
+def rotate_outside(model: nn.Module, stack: DecoderStack, rotation: ResidualRotation) -> bool:
+    """Rotate the embeddings, fold the final norm into the head and rotate it. Returns True when tied
+    embeddings had to be untied: the head is E diag(g) Q and the embedding E Q, one matrix only when g = 1."""
+    q = rotation.matrix.float()
+    parent_name = stack.prefix.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    final_norm = parent.get_submodule("norm")
+    gain = _plain_rmsnorm_weight(final_norm, f"{parent_name}.norm")
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head.weight is embed.weight
+    untie = tied and not bool((gain == 1).all())
+    with torch.no_grad():
+        source = embed.weight.detach().float()
+        new_head = (head.weight.detach().float() * gain[None, :]) @ q
+        embed.weight.copy_((source @ q).to(embed.weight.dtype))
+        if untie:
+            head.weight = nn.Parameter(new_head.to(embed.weight.dtype), requires_grad=False)
+            model.config.tie_word_embeddings = False
+        elif not tied:
+            head.weight.copy_(new_head.to(head.weight.dtype))
+        final_norm.weight.fill_(1.0)
+    return untie
