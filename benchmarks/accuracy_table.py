@@ -135,19 +135,12 @@ def rotation_rows() -> list[Row]:
         return Row(rid, sec, label, args, baseline=baseline)
 
     return [
-        row("rot-plain-rtn", "`rtn`, rotated, RTN base (QuaRot-style RTN)", "--method", "rtn", *rot,
-            "--base", "rtn", "--clip", "minmax"),
         row("rot-rtn", "`rtn`, rotated", "--method", "rtn", *rot, *no_fit),
         row("rot-er-b3", "`er` budget 3%, rotated", "--method", "er", *rot, *no_fit),
         row("rot-aser-b3", "`aser` budget 3%, rotated", "--method", "aser", *rot, *no_fit),
         row("fit-aser-b3", "`aser` budget 3%, full-precision target", "--method", "aser", *no_rot, *fit),
-        row("rot-fit-rtn", "`rtn`, rotated, full-precision target", "--method", "rtn", *rot, *fit),
-        row("rot-fit-er-b3", "`er` budget 3%, rotated, full-precision target", "--method", "er", *rot, *fit),
-        row("rot-fit-aser-b3", "`aser` budget 3%, rotated, full-precision target", "--method", "aser", *rot, *fit),
         row("rot-g128-aser-b3", "`aser` group 128 budget 3%, rotated", "--method", "aser", *g, *rot, *no_fit,
             baseline="g128-rtn"),
-        row("rot-fit-g128-aser-b3", "`aser` group 128 budget 3%, rotated, full-precision target", "--method",
-            "aser", *g, *rot, *fit, baseline="g128-rtn"),
     ]
 
 

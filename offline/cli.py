@@ -108,4 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{totals['mean_rel_output_error_quantized']:.4f} -> {totals['mean_rel_output_error_reconstructed']:.4f}",
         file=sys.stderr,
     )
+    rotation = summary.report["provenance"].get("rotation")
+    if rotation and rotation["untied_embeddings"]:
+        print("rotation: the tied embeddings were untied (the head carries the final norm's weight, the embedding "
+              "does not), so the output directory holds a separate lm_head.weight", file=sys.stderr)
     return 0

@@ -135,7 +135,7 @@ def quantize_group(
         if not torch.isfinite(w).all():
             raise ValueError(f"weight of {name} contains NaN or inf: the source model is broken")
     if cross is not None:
-        weights = {name: target_weight(w, cross, stats.gram, opts.damp) for name, w in weights.items()}
+        weights = {name: target_weight(w, cross, stats.gram) for name, w in weights.items()}
     in_features = next(iter(weights.values())).shape[1]
     weight_max = torch.stack([w.abs().amax(dim=0) for w in weights.values()]).amax(dim=0)
 

@@ -28,7 +28,7 @@ from offline.options import QuantizeOptions
 from offline.rank_allocation import LayerSpectrum, allocate_budget
 from offline.source_model import open_source_model
 from offline.report import build_report
-from offline.rotation import check_rotatable, residual_rotation, rotate_block, rotate_outside
+from offline.rotation import check_rotatable, head_dim, residual_rotation, rotate_block, rotate_outside
 from offline.simulate import ReferenceASERLinear, set_submodule
 from offline.whitening import ActivationStats
 from vllm_aser import format as fmt
@@ -169,7 +169,8 @@ def quantize_model(
     rotation, untied = None, False
     if opts.rotate != "none":
         check_rotatable(model, stack)
-        rotation = residual_rotation(model.get_input_embeddings().weight.shape[1], opts.seed)
+        rotation = residual_rotation(model.get_input_embeddings().weight.shape[1], opts.seed,
+                                     head_dim(stack.layers[0]))
         untied = rotate_outside(model, stack, rotation)
     samples = token_windows(texts, tokenizer, opts.num_samples, opts.seq_len, opts.seed)
     batches = list(samples.split(opts.batch_size))

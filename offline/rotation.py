@@ -28,6 +28,7 @@ READERS = {
     "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
 }
 WRITERS = ("self_attn.o_proj", "mlp.down_proj")
+VALUE, ATTN_OUT = "self_attn.v_proj", "self_attn.o_proj"  # per-head rotation of the values (R2)
 
 
 def _is_prime(q: int) -> bool:
@@ -85,20 +86,27 @@ def hadamard_matrix(n: int) -> torch.Tensor | None:
 class ResidualRotation:
     matrix: torch.Tensor  # [hidden, hidden] float64, orthogonal
     kind: str  # "hadamard", or "orthogonal" where no Hadamard matrix of that order is constructed
+    head: torch.Tensor | None = None  # [head_dim, head_dim]: rotates each head's values and o_proj's input
 
 
-def residual_rotation(hidden: int, seed: int) -> ResidualRotation:
-    """Q = diag(random signs) H / sqrt(n) (a random Hadamard rotation), or a random orthogonal matrix (QR of a
-    Gaussian) where no Hadamard construction reaches `hidden`."""
-    gen = torch.Generator().manual_seed(seed)
-    h = hadamard_matrix(hidden)
+def random_orthogonal(n: int, gen: torch.Generator) -> tuple[torch.Tensor, str]:
+    """diag(random signs) H / sqrt(n) (a random Hadamard rotation), or a random orthogonal matrix (QR of a
+    Gaussian) where no Hadamard construction reaches n."""
+    h = hadamard_matrix(n)
     if h is not None:
-        signs = torch.randint(0, 2, (hidden,), generator=gen).double() * 2 - 1
-        return ResidualRotation(signs[:, None] * h / hidden**0.5, "hadamard")
-    logger.warning("no Hadamard matrix of order %d is constructed here: rotating by a random orthogonal matrix",
-                   hidden)
-    q, r = torch.linalg.qr(torch.randn(hidden, hidden, generator=gen, dtype=torch.float64))
-    return ResidualRotation(q * torch.sign(r.diagonal())[None, :], "orthogonal")
+        signs = torch.randint(0, 2, (n,), generator=gen).double() * 2 - 1
+        return signs[:, None] * h / n**0.5, "hadamard"
+    logger.warning("no Hadamard matrix of order %d is constructed here: rotating by a random orthogonal matrix", n)
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return q * torch.sign(r.diagonal())[None, :], "orthogonal"
+
+
+def residual_rotation(hidden: int, seed: int, head_dim: int | None = None) -> ResidualRotation:
+    """The residual-stream rotation and, with `head_dim`, the per-head value rotation (both seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    matrix, kind = random_orthogonal(hidden, gen)
+    head = random_orthogonal(head_dim, gen)[0] if head_dim else None
+    return ResidualRotation(matrix, kind, head)
 
 
 def _plain_rmsnorm_weight(norm: nn.Module, name: str) -> torch.Tensor:
@@ -153,6 +161,26 @@ def rotate_block(block: nn.Module, where: str, rotation: ResidualRotation) -> No
         linear = _get(block, name, where)
         bias = None if linear.bias is None else linear.bias.float() @ q
         _set(linear, q.t() @ linear.weight.float(), bias)
+    if rotation.head is not None:
+        _rotate_heads(_get(block, VALUE, where), _get(block, ATTN_OUT, where), rotation.head.float())
+
+
+def _rotate_heads(value: nn.Linear, attn_out: nn.Linear, r: torch.Tensor) -> None:
+    """Each head's values v_h -> v_h R (v_proj rows R^T W_h, bias b_h R); attention mixes value rows, so each
+    head's output turns by R too, undone in o_proj's columns (W_o,h R). GQA: one R for every head."""
+    hd = r.shape[0]
+    w = value.weight.float()
+    heads = w.shape[0] // hd
+    _set(value, torch.einsum("ji,hjk->hik", r, w.reshape(heads, hd, -1)).reshape(w.shape),
+         None if value.bias is None else (value.bias.float().reshape(heads, hd) @ r).reshape(-1))
+    o = attn_out.weight.float()
+    _set(attn_out, (o.reshape(o.shape[0], -1, hd) @ r).reshape(o.shape))
+
+
+def head_dim(block: nn.Module) -> int | None:
+    """The attention's head size, where the module says it (the value rotation is skipped otherwise)."""
+    size = getattr(block.get_submodule("self_attn"), "head_dim", None)
+    return size if isinstance(size, int) and size > 0 else None
 
 
 def check_rotatable(model: nn.Module, stack: DecoderStack) -> None:

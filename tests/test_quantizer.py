@@ -182,6 +182,8 @@ def test_unsupported_model(tmp_path, calib_text):
         ({"export": "compressed-tensors", "w_bits": 8}, "--method rtn"),
         ({"export": "compressed-tensors", "method": "rtn", "w_bits": 4, "a_bits": 8}, "W4A16"),
         ({"a_bits": 16}, "only for --export compressed-tensors"),
+        ({"rotate": "spin"}, "--rotate"),
+        ({"fit_target": "fp"}, "--fit-target"),
     ],
 )
 def test_bad_options(kwargs, message):

@@ -14,6 +14,7 @@ from offline.model_structure import DecoderStack, UnsupportedModelError, find_de
 from offline.rotation import (
     check_rotatable,
     hadamard_matrix,
+    head_dim,
     residual_rotation,
     rotate_block,
     rotate_outside,
@@ -54,7 +55,8 @@ def _load_whole(model_dir):
 def _rotate_whole(model, seed=0) -> bool:
     stack = find_decoder_stack(model)
     check_rotatable(model, stack)
-    rotation = residual_rotation(model.get_input_embeddings().weight.shape[1], seed)
+    rotation = residual_rotation(model.get_input_embeddings().weight.shape[1], seed, head_dim(stack.layers[0]))
+    assert rotation.head is not None
     untied = rotate_outside(model, stack, rotation)
     for i, block in enumerate(stack.layers):
         rotate_block(block, f"{stack.prefix}.{i}", rotation)
@@ -171,7 +173,10 @@ def test_rotation_lowers_the_error_of_plain_rtn_on_outlier_channels(tiny_llama, 
 def _streams(tokens=400, k=24, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x_fp = torch.randn(tokens, k, generator=gen, dtype=torch.float64)
-    x_q = x_fp + 0.1 * torch.randn(tokens, k, generator=gen, dtype=torch.float64)
+    # the quantized model's inputs: a systematic distortion of the full-precision ones (which a corrected weight
+    # can undo) plus noise (which it cannot)
+    mix = torch.eye(k, dtype=torch.float64) + 0.1 * torch.randn(k, k, generator=gen, dtype=torch.float64)
+    x_q = x_fp @ mix + 0.01 * torch.randn(tokens, k, generator=gen, dtype=torch.float64)
     w = torch.randn(10, k, generator=gen, dtype=torch.float64)
     return x_fp, x_q, w
 
@@ -206,3 +211,14 @@ def test_fit_target_model_changes_the_artifact_and_keeps_it_valid(tiny_llama, ca
     # block 0 sees the same (unquantized) input in both streams; from block 1 on the targets differ
     assert torch.equal(first[0], second[0])
     assert any(not torch.equal(x, y) for x, y in zip(first, second))
+
+
+def test_cli_rotation_reports_the_untied_head(tiny_qwen2_tied, calib_text, tmp_path, capsys):
+    from offline.cli import main as cli_main
+
+    code = cli_main([str(tiny_qwen2_tied), str(tmp_path / "o"), "--calib", str(calib_text), "--num-samples", "4",
+                     "--seq-len", "64", "--rank", "8", "--quiet", "--rotate", "hadamard"])
+    assert code == 0
+    assert "separate lm_head.weight" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main([str(tiny_qwen2_tied), str(tmp_path / "p"), "--calib", str(calib_text), "--rotate", "spin"])
