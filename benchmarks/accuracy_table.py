@@ -138,7 +138,7 @@ def rotation_rows() -> list[Row]:
         row("rot-rtn", "`rtn`, rotated", "--method", "rtn", *rot, *no_fit),
         row("rot-er-b3", "`er` budget 3%, rotated", "--method", "er", *rot, *no_fit),
         row("rot-aser-b3", "`aser` budget 3%, rotated", "--method", "aser", *rot, *no_fit),
-        row("fit-aser-b3", "`aser` budget 3%, full-precision target", "--method", "aser", *no_rot, *fit),
+        row("fit-aser-b3", "`aser` budget 3%, full-precision target (not rotated)", "--method", "aser", *no_rot, *fit),
         row("rot-g128-aser-b3", "`aser` group 128 budget 3%, rotated", "--method", "aser", *g, *rot, *no_fit,
             baseline="g128-rtn"),
     ]
@@ -262,7 +262,7 @@ def render(rows: list[Row], results: dict) -> str:
         f"non-overlapping {WINDOW}-token windows, reference backend (float32 compute): Wikipedia sample "
         f"({EVAL_SETS['wikipedia']} windows) and BBC News ({EVAL_SETS['bbc']} windows). Calibration: "
         "`aser-quantize` defaults (64 × 512 tokens of State of the Union text). \"Gap closed\" is "
-        "(ppl(rtn) − ppl) / (ppl(rtn) − ppl(full precision)) on Wikipedia, against the RTN row with the same "
+        "(ppl(rtn) − ppl) / (ppl(rtn) − ppl(full precision)) on each text, against the RTN row with the same "
         "weight grid and activation bits (per-channel W4A8 RTN unless the row says otherwise). Quantization time and peak RSS are `aser-quantize`'s own.",
         "",
         f"Machine: {results.get('_machine', 'unknown')}.",
@@ -273,22 +273,23 @@ def render(rows: list[Row], results: dict) -> str:
         if row.section != section:
             section = row.section
             lines += ["", f"## {section}", "",
-                      "| row | Wikipedia ppl | gap closed | BBC ppl | extra params | mean rank | quant time | "
+                      "| row | Wikipedia ppl | gap closed | BBC ppl | gap closed | extra params | mean rank | quant time | "
                       "peak RSS | command |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+                      "|---|---|---|---|---|---|---|---|---|---|"]
         rec = results.get(row.id)
         cmd = f"`{row_command(row)}`"
         if rec is None:
-            lines.append(f"| {row.label} | not run | | | | | | | {cmd} |")
+            lines.append(f"| {row.label} | not run | | | | | | | | {cmd} |")
             continue
         w, b = get(row.id, "wikipedia"), get(row.id, "bbc")
-        closed = "" if not row.quantized or row.id == row.baseline or not row.baseline else gap_closed(w, get(row.baseline, "wikipedia"),
-                                                                                   fp_w)
+        gapless = not row.quantized or row.id == row.baseline or not row.baseline
+        closed = "" if gapless else gap_closed(w, get(row.baseline, "wikipedia"), fp_w)
+        closed_b = "" if gapless else gap_closed(b, get(row.baseline, "bbc"), fp_b)
         extra = f"{rec['extra_params_percent']:.2f}%" if row.quantized else "—"
         rank = f"{rec['mean_rank']:.1f}" if row.quantized else "—"
         secs = f"{rec['quantize_seconds']:.0f} s" if row.quantized else "—"
         rss = f"{rec['peak_rss_mib']:.0f} MiB" if row.quantized else "—"
-        lines.append(f"| {row.label} | {w:.2f} | {closed} | {b:.2f} | {extra} | {rank} | {secs} | {rss} | {cmd} |")
+        lines.append(f"| {row.label} | {w:.2f} | {closed} | {b:.2f} | {closed_b} | {extra} | {rank} | {secs} | {rss} | {cmd} |")
     if fp_b:
         lines += ["", f"Full precision BBC perplexity: {fp_b:.2f}."]
     curve = results.get("_rank_curve")

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "before quantization")
     p.add_argument("--fit-target", choices=FIT_TARGETS, default=defaults.fit_target,
                    help="what GPTQ and the low-rank branch fit: layer (each layer's own weight on the quantized "
-                   "model's inputs) or model (the full-precision model's outputs, from a second calibration stream)")
+                   "model's inputs) or model (the full-precision model's outputs, from a second calibration "
+                   "stream; experimental: far worse on SmolLM2, see docs/ACCURACY.md)")
     p.add_argument("--no-act-order", dest="act_order", action="store_false",
                    help="gptq: round columns in stored order instead of by decreasing Hessian diagonal")
     rank = p.add_mutually_exclusive_group()

@@ -36,7 +36,7 @@ class QuantizeOptions:
     alpha: float = 0.5
     outliers: int = 4
     damp: float = 0.01
-    rotate: str = "none"
+    rotate: str = "hadamard"
     fit_target: str = "layer"
     propagate_quantized: bool = True
     joint_lowrank: bool = True

@@ -48,3 +48,14 @@ def test_gap_closed_uses_the_row_baseline(table):
     line = next(l for l in text.splitlines() if "`aser` budget 3%" in l and "25.00" in l)
     assert "| 50% |" in line  # against group-128 RTN: (30 - 25) / (30 - 20)
     assert "not run" in text
+
+
+def test_rows_cached_before_an_option_existed_match_only_its_old_behaviour(table):
+    rows = {r.id: r for r in table["table_rows"]()}
+    old, rotated = rows["w4a8-aser-b3"], rows["rot-aser-b3"]
+    results = {rid: fake_record(table, rows[rid], 30.0) for rid in ("w4a8-aser-b3", "rot-aser-b3")}
+    for rec in results.values():
+        for option in table["ADDED_OPTIONS"]:
+            del rec["options"][option]  # recorded before --rotate / --fit-target existed
+    assert table["is_cached"](old, results)  # pins --rotate none --fit-target layer: the old behaviour
+    assert not table["is_cached"](rotated, results)
