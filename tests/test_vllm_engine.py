@@ -54,7 +54,8 @@ def reference_logprobs(model_dir: Path, prompt_ids: list[int], ids: list[int]) -
 # tokens (AMD EPYC, AVX-512 VNNI, native kernel): Llama with shared down-projections 9.2e-4 (tolerance 2e-3);
 # Llama with separate ones, and Qwen2 with biases and group-32 scales, 4.8e-7 (tolerance 1e-4, left wider than
 # 2x for other CPUs' float orders; the int8 fallback measured 3.0e-2 on an AVX2-only EPYC). The Qwen2 artifact
-# also runs with the reference kernel inside vLLM, which isolates loading.
+# also runs with the reference kernel inside vLLM, which isolates loading. The rotated Qwen2 (tied embeddings
+# untied by the rotation, fitted to the full-precision model) measured 8.8e-5 (tolerance 2e-4).
 @pytest.mark.parametrize(
     "artifact,kernel,exact_tokens,tolerance",
     [
@@ -62,7 +63,7 @@ def reference_logprobs(model_dir: Path, prompt_ids: list[int], ids: list[int]) -
         ("llama_aser_fp32_separate", "cpu", True, 1e-4),
         ("qwen2_aser_fp32", "reference", True, 2e-4),
         ("qwen2_aser_fp32", "cpu", True, 1e-4),
-        ("qwen2_aser_rotated", "cpu", True, 1e-4),
+        ("qwen2_aser_rotated", "cpu", True, 2e-4),
     ],
 )
 def test_fp32_tokens_and_logprobs_match_reference(artifact, kernel, exact_tokens, tolerance, request, cpu_env):
