@@ -3,7 +3,9 @@
 Block k is calibrated on the outputs of blocks 0..k-1 as already quantized (simulated with the reference
 kernel), unless `propagate_quantized` is off. With the budget rank rule, blocks are simulated with the
 uniform rank that spends the same budget, and the final ranks are allocated globally once every layer's
-spectrum is known (one SVD per layer serves any budget; no second calibration pass).
+spectrum is known (one SVD per layer serves any budget; no second calibration pass). With `--rotate hadamard`
+the embeddings and head are rotated before calibration and each block as it is materialized
+(offline/rotation.py), so calibration, GPTQ and the low-rank branch all see the rotated model.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from tqdm.auto import tqdm
 
 from offline import __version__
 from offline.calibration import read_texts, token_windows
-from offline.fit_target import CrossStats
 from offline.export import atomic_output_dir, copy_side_files, quantized_tensors, write_config, write_shards
+from offline.fit_target import CrossStats
 from offline.layer_quant import QuantizedLinear, quantize_group
 from offline.model_structure import capture_block_inputs, run_block, shared_input_groups
 from offline.options import QuantizeOptions
