@@ -37,6 +37,7 @@ class Row:
     args: tuple[str, ...] = ()  # aser-quantize options; None-like empty for the source model itself
     quantized: bool = True
     keep: bool = False  # keep the artifact (the rank-vs-perplexity curve truncates it)
+    curve: str = ""  # the curve's name for a kept artifact (default: its --method)
     baseline: str = "w4a8-rtn"  # "gap closed" is measured from this row's perplexity
 
 
@@ -141,6 +142,8 @@ def rotation_rows() -> list[Row]:
         row("fit-aser-b3", "`aser` budget 3%, full-precision target (not rotated)", "--method", "aser", *no_rot, *fit),
         row("rot-g128-aser-b3", "`aser` group 128 budget 3%, rotated", "--method", "aser", *g, *rot, *no_fit,
             baseline="g128-rtn"),
+        Row("rot-aser-r64", sec, "`aser` rank 64, rotated (the defaults at a fixed rank; for the rank curve)",
+            ("--method", "aser", "--rank", "64", *rot, *no_fit), keep=True, curve="aser (defaults)"),
     ]
 
 
@@ -219,6 +222,10 @@ def row_command(row: Row) -> str:
     return " ".join(["aser-quantize", "MODEL", "OUT", "--calib", "SOTU", *row.args])
 
 
+def curve_name(row: Row) -> str:
+    return row.curve or row.args[row.args.index("--method") + 1]
+
+
 def rank_curve(rows: list[Row], results: dict, assets: dict, work: Path, log: Path) -> dict:
     """Perplexity against rank from ONE calibration run per method: the rank-64 artifact's factors are ordered
     by singular value, so its first r components are the rank-r reconstruction (aser-eval --lowrank-rank)."""
@@ -226,7 +233,7 @@ def rank_curve(rows: list[Row], results: dict, assets: dict, work: Path, log: Pa
     for row in rows:
         if not (row.keep and (work / row.id).exists()):
             continue
-        method = row.args[row.args.index("--method") + 1]
+        method = curve_name(row)
         points = curve.get(method, {})
         for rank in CURVE_RANKS:
             if str(rank) in points:
@@ -363,8 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     results["_machine"] = describe_machine()
     for row in selected:
         curve_needs_artifact = row.keep and not args.no_curve and not (work / row.id).exists() and any(
-            str(r) not in results.get("_rank_curve", {}).get(row.args[row.args.index("--method") + 1], {})
-            for r in CURVE_RANKS)
+            str(r) not in results.get("_rank_curve", {}).get(curve_name(row), {}) for r in CURVE_RANKS)
         if is_cached(row, results) and not args.fresh and not curve_needs_artifact:
             continue
         start = time.perf_counter()
