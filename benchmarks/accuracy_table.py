@@ -326,7 +326,8 @@ def plot_curve(results: dict) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for method, points in curve.items():
         ranks = sorted(int(r) for r in points)
-        ax.plot(ranks, [points[str(r)] for r in ranks], marker="o", label=method)
+        label = method if "(" in method else f"{method} (RTN base, not rotated)"
+        ax.plot(ranks, [points[str(r)] for r in ranks], marker="o", label=label.replace("(defaults)", "(defaults: rotated, GPTQ + clipped)"))
     fp = results.get("fp", {}).get("scores", {}).get("wikipedia", {}).get("ppl")
     rtn = results.get("w4a8-rtn", {}).get("scores", {}).get("wikipedia", {}).get("ppl")
     if fp:
