@@ -37,11 +37,16 @@ class CrossStats:
         self.cross += (xf.t() @ xq).double()
 
 
-def target_weight(
-    weight: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, damp: float = FIT_RIDGE
-) -> torch.Tensor:
-    """W* = W + W (C - H) (H + damp * mean(diag H) I)^-1 (see the module docstring), float32 [out, in]."""
+def target_weights(
+    weights: dict[str, torch.Tensor], cross: torch.Tensor, gram: torch.Tensor, damp: float = FIT_RIDGE
+) -> dict[str, torch.Tensor]:
+    """W* = W + W (C - H) (H + damp * mean(diag H) I)^-1 (see the module docstring) for every weight of one
+    shared-input group (one factorization), float32 [out, in]."""
     factor = damped_cholesky(gram, damp)
-    w = weight.double()
-    rhs = (w @ (cross - gram)).t()  # [in, out]; H symmetric, so X (H + lambda I) = R  <=>  (H + lambda I) X^T = R^T
-    return (w + torch.cholesky_solve(rhs, factor).t()).float()
+    shift = cross - gram
+    out = {}
+    for name, weight in weights.items():
+        w = weight.double()
+        rhs = (w @ shift).t()  # [in, out]; H symmetric, so X (H + lambda I) = R  <=>  (H + lambda I) X^T = R^T
+        out[name] = (w + torch.cholesky_solve(rhs, factor).t()).float()
+    return out

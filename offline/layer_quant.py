@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from offline.fit_target import target_weight
+from offline.fit_target import target_weights
 from offline.gptq import quantize_gptq
 from offline.options import QuantizeOptions
 from offline.rank_allocation import energy_rank, pad_rank, provisional_budget_rank
@@ -135,7 +135,7 @@ def quantize_group(
         if not torch.isfinite(w).all():
             raise ValueError(f"weight of {name} contains NaN or inf: the source model is broken")
     if cross is not None:
-        weights = {name: target_weight(w, cross, stats.gram) for name, w in weights.items()}
+        weights = target_weights(weights, cross, stats.gram)
     in_features = next(iter(weights.values())).shape[1]
     weight_max = torch.stack([w.abs().amax(dim=0) for w in weights.values()]).amax(dim=0)
 

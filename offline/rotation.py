@@ -183,14 +183,19 @@ def head_dim(block: nn.Module) -> int | None:
     return size if isinstance(size, int) and size > 0 else None
 
 
+def _final_norm(model: nn.Module, stack: DecoderStack) -> tuple[nn.Module, str]:
+    """The norm after the decoder stack (`<stack's parent>.norm`) and its name."""
+    parent_name = stack.prefix.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return _get(parent, "norm", parent_name or type(model).__name__), f"{parent_name}.norm".lstrip(".")
+
+
 def check_rotatable(model: nn.Module, stack: DecoderStack) -> None:
-    """Refuse, by name, what rotate_model could not rotate exactly (before any block is read)."""
+    """Refuse, by name, what rotate_block / rotate_outside could not rotate exactly (before any block is read)."""
     block = stack.layers[0]
     for name in (*READERS, *(r for rs in READERS.values() for r in rs), *WRITERS):
         _get(block, name, f"{stack.prefix}.0")
-    parent_name = stack.prefix.rpartition(".")[0]
-    parent = model.get_submodule(parent_name) if parent_name else model
-    _get(parent, "norm", parent_name or type(model).__name__)
+    _final_norm(model, stack)
     if not isinstance(model.get_input_embeddings(), nn.Embedding) or model.get_output_embeddings() is None:
         raise UnsupportedModelError("--rotate: the model needs an nn.Embedding input and a linear head")
 
@@ -199,10 +204,8 @@ def rotate_outside(model: nn.Module, stack: DecoderStack, rotation: ResidualRota
     """Rotate the embeddings, fold the final norm into the head and rotate it. Returns True when tied
     embeddings had to be untied: the head is E diag(g) Q and the embedding E Q, one matrix only when g = 1."""
     q = rotation.matrix.float()
-    parent_name = stack.prefix.rpartition(".")[0]
-    parent = model.get_submodule(parent_name) if parent_name else model
-    final_norm = parent.get_submodule("norm")
-    gain = _plain_rmsnorm_weight(final_norm, f"{parent_name}.norm")
+    final_norm, name = _final_norm(model, stack)
+    gain = _plain_rmsnorm_weight(final_norm, name)
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head.weight is embed.weight
     untie = tied and not bool((gain == 1).all())

@@ -9,7 +9,7 @@ import torch
 from conftest import quantize
 from torch import nn
 
-from offline.fit_target import CrossStats, target_weight
+from offline.fit_target import CrossStats, target_weights
 from offline.model_structure import DecoderStack, UnsupportedModelError, find_decoder_stack
 from offline.rotation import (
     check_rotatable,
@@ -184,7 +184,7 @@ def _streams(tokens=400, k=24, seed=0):
 def test_target_weight_is_the_weight_when_both_streams_agree():
     x_fp, _, w = _streams()
     gram = x_fp.t() @ x_fp
-    torch.testing.assert_close(target_weight(w.float(), gram, gram, damp=0.01), w.float())
+    torch.testing.assert_close(target_weights({"w": w.float()}, gram, gram, damp=0.01)["w"], w.float())
 
 
 def test_target_weight_solves_the_full_precision_least_squares_problem():
@@ -192,7 +192,7 @@ def test_target_weight_solves_the_full_precision_least_squares_problem():
     stats = CrossStats(w.shape[1])
     stats.update(x_fp[:150].float(), x_q[:150].float())
     stats.update(x_fp[150:].float(), x_q[150:].float())
-    target = target_weight(w.float(), stats.cross, x_q.t() @ x_q, damp=0.0).double()
+    target = target_weights({"w": w.float()}, stats.cross, x_q.t() @ x_q, damp=0.0)["w"].double()
     expected = torch.linalg.lstsq(x_q, x_fp @ w.t()).solution.t()  # argmin_A ||X_f W^T - X_q A^T||
     torch.testing.assert_close(target, expected, rtol=1e-4, atol=1e-4)
     fit = lambda a: float((x_fp @ w.t() - x_q @ a.t()).norm())  # noqa: E731
