@@ -50,11 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotate", choices=ROTATIONS, default=defaults.rotate,
                    help="hadamard: rotate the residual stream by a random Hadamard matrix folded into the weights "
                    "(norm weights folded into the linears; no cost at serving), which spreads outlier channels "
-                   "before quantization")
+                   "before quantization; auto: hadamard where the model's structure allows it (Llama-style "
+                   "blocks with plain RMSNorms), none otherwise (e.g. Gemma 3, Phi-3), with a message")
     p.add_argument("--fit-target", choices=FIT_TARGETS, default=defaults.fit_target,
                    help="what GPTQ and the low-rank branch fit: layer (each layer's own weight on the quantized "
                    "model's inputs) or model (the full-precision model's outputs, from a second calibration "
                    "stream; experimental: far worse on SmolLM2, see docs/ACCURACY.md)")
+    p.add_argument("--moe-min-tokens", type=int, default=defaults.moe_min_tokens,
+                   help="MoE: an expert routed fewer calibration tokens than this is calibrated on every token "
+                   "entering its layer instead (default: the expert's input width)")
     p.add_argument("--no-act-order", dest="act_order", action="store_false",
                    help="gptq: round columns in stored order instead of by decreasing Hessian diagonal")
     rank = p.add_mutually_exclusive_group()
@@ -109,6 +113,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{totals['mean_rel_output_error_quantized']:.4f} -> {totals['mean_rel_output_error_reconstructed']:.4f}",
         file=sys.stderr,
     )
+    report = summary.report
+    if report["provenance"].get("rotation_refused"):
+        print(f"rotation: not applied (--rotate auto): {report['provenance']['rotation_refused']}", file=sys.stderr)
+    for entry in report.get("unquantized", []):
+        print(f"kept in full precision: {entry['name']} {entry['shape']}: {entry['reason']}", file=sys.stderr)
+    moe = report.get("moe")
+    if moe:
+        starved = moe["starved_experts"]
+        print(f"MoE: {len(starved)} expert(s) saw fewer than {moe['min_routed_tokens']} routed calibration tokens "
+              "and were calibrated on all tokens entering their layer"
+              + (": " + ", ".join(f"{s['expert']} ({s['routed_tokens']})" for s in starved[:8])
+                 + (" ..." if len(starved) > 8 else "") if starved else ""), file=sys.stderr)
     rotation = summary.report["provenance"].get("rotation")
     if rotation and rotation["untied_embeddings"]:
         print("rotation: the tied embeddings were untied (the head carries the final norm's weight, the embedding "

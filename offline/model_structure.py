@@ -39,32 +39,62 @@ def find_decoder_stack(model: nn.Module) -> DecoderStack:
     return best
 
 
-class _StopForward(Exception):
-    pass
+class _KwargsRecorder(nn.Module):
+    """Stands in for one decoder block during capture: records the block's input and keyword arguments
+    (attention mask, rotary embeddings: they differ per block in models that mix sliding-window and global
+    attention, like Gemma 3) and passes the hidden states through unchanged."""
 
+    def __init__(self, block: nn.Module, record):
+        super().__init__()
+        self.record = record
+        object.__setattr__(self, "_block", block)  # not a submodule: attribute reads only
 
-def capture_block_inputs(model: nn.Module, stack: DecoderStack, batches: list[torch.Tensor]):
-    """Run the model up to the first block for each batch: hidden states and the block's keyword args."""
-    captured: list[tuple[torch.Tensor, dict]] = []
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
 
-    def hook(_module, args, kwargs):
+    def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _StopForward
+        self.record(hidden, kwargs)
+        return hidden
 
-    handle = stack.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+
+@dataclass
+class BlockInputs:
+    hidden: list[torch.Tensor]  # the first block's input, one tensor per calibration batch
+    kwargs: list[list[dict]]  # [block][batch]: the keyword arguments the model passes each block
+
+    def for_block(self, index: int, hidden: list[torch.Tensor] | None = None) -> list[tuple[torch.Tensor, dict]]:
+        return list(zip(hidden if hidden is not None else self.hidden, self.kwargs[index]))
+
+
+def capture_block_inputs(model: nn.Module, stack: DecoderStack, batches: list[torch.Tensor]) -> BlockInputs:
+    """Run the model with every block replaced by a recorder: the first block's hidden states per batch and
+    each block's own keyword arguments (no block is computed, so none needs to be materialized)."""
+    hidden: list[torch.Tensor] = []
+    kwargs: list[list[dict]] = [[] for _ in stack.layers]
+
+    def recorder(index):
+        def record(h, kw):
+            if index == 0:
+                hidden.append(h.detach())
+            kwargs[index].append({k: v for k, v in kw.items() if k != "hidden_states"})
+        return record
+
+    parent_name, _, child = stack.prefix.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, nn.ModuleList(_KwargsRecorder(b, recorder(i)) for i, b in enumerate(stack.layers)))
     try:
         with torch.no_grad():
             for batch in batches:
-                try:
-                    model(input_ids=batch, use_cache=False)
-                except _StopForward:
-                    pass
+                model(input_ids=batch, use_cache=False)
     finally:
-        handle.remove()
-    if len(captured) != len(batches):
-        raise UnsupportedModelError(f"{type(model).__name__}: its forward never reached {stack.prefix}.0")
-    return captured
+        setattr(parent, child, stack.layers)
+    if len(hidden) != len(batches) or any(len(k) != len(batches) for k in kwargs):
+        raise UnsupportedModelError(f"{type(model).__name__}: its forward did not call every block of {stack.prefix}")
+    return BlockInputs(hidden, kwargs)
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -74,11 +104,16 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
 
 def shared_input_groups(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> list[list[str]]:
     """Names of the block's linears grouped by the input tensor they receive (q/k/v, gate/up, ...)."""
+    from offline.experts import UnfusedExperts
+
     seen: OrderedDict[int, list[str]] = OrderedDict()
     keep_alive = []
     handles = []
+    # experts declare their groups: a probe batch routes tokens to only some of them
+    declared = [g for n, m in block.named_modules() if isinstance(m, UnfusedExperts) for g in m.groups(n)]
+    declared_names = {n for g in declared for n in g}
     for name, module in block.named_modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) and name not in declared_names:
 
             def hook(_m, args, _name=name):
                 keep_alive.append(args[0])
@@ -91,7 +126,7 @@ def shared_input_groups(block: nn.Module, hidden: torch.Tensor, kwargs: dict) ->
     finally:
         for handle in handles:
             handle.remove()
-    groups = list(seen.values())
+    groups = list(seen.values()) + declared
     if not groups:
         raise UnsupportedModelError(f"{type(block).__name__}: no nn.Linear was called in the block's forward")
     return groups
@@ -108,3 +143,30 @@ def _slice_batch(kwargs: dict, n: int) -> dict:
         else:
             out[key] = value
     return out
+
+
+def check_block_weights(block: nn.Module, where: str) -> list[dict]:
+    """The block's weights that stay in full precision besides norms (MoE routers), with the reason; any other
+    weight outside an nn.Linear is refused by name, so that nothing is left unquantized in silence."""
+    from offline.experts import UnfusedExperts
+
+    modules = dict(block.named_modules())
+    kept = []
+    for name, param in block.named_parameters():
+        owner_name = name.rpartition(".")[0]
+        owner = modules[owner_name]
+        if isinstance(owner, nn.Linear) or param.dim() < 2:
+            continue
+        parent = modules[owner_name.rpartition(".")[0]]
+        experts = [m for m in parent.children() if isinstance(m, UnfusedExperts)]
+        if experts and param.shape[0] == experts[0].num_experts:
+            kept.append({"name": f"{where}.{name}", "module": owner_name, "shape": list(param.shape),
+                         "reason": "MoE router: kept in full precision, as vLLM runs it"})
+            continue
+        raise UnsupportedModelError(
+            f"{where}.{name}: a {param.dim()}-D weight {list(param.shape)} held by {type(owner).__name__}, which "
+            "is not an nn.Linear; aser-quantize cannot quantize it and does not leave weights in full precision "
+            "silently, so this model family is not supported yet (supported: Llama, Qwen2/3, Mistral, Gemma 3, "
+            "Phi-3, Qwen3-MoE, Mixtral and models built like them)"
+        )
+    return kept

@@ -10,7 +10,7 @@ DTYPES = ("float16", "bfloat16", "float32")
 BASES = ("rtn", "gptq")
 CLIPS = ("minmax", "mse")
 EXPORTS = ("aser", "compressed-tensors")
-ROTATIONS = ("hadamard", "none")
+ROTATIONS = ("auto", "hadamard", "none")
 FIT_TARGETS = ("layer", "model")
 COMPRESSED_TENSORS_BITS = ((8, 8), (4, 16))  # W8A8 int8, W4A16
 
@@ -36,8 +36,9 @@ class QuantizeOptions:
     alpha: float = 0.5
     outliers: int = 4
     damp: float = 0.01
-    rotate: str = "hadamard"
+    rotate: str = "auto"
     fit_target: str = "layer"
+    moe_min_tokens: int | None = None
     propagate_quantized: bool = True
     joint_lowrank: bool = True
     dtype: str = "bfloat16"
@@ -99,6 +100,8 @@ class QuantizeOptions:
             self.lowrank_dtype = self.dtype
         if self.lowrank_dtype not in DTYPES:
             raise OptionsError(f"--lowrank-dtype must be one of {DTYPES}, got {self.lowrank_dtype!r}")
+        if self.moe_min_tokens is not None and self.moe_min_tokens < 0:
+            raise OptionsError(f"--moe-min-tokens must be >= 0, got {self.moe_min_tokens}")
         for name in ("num_samples", "seq_len", "batch_size", "max_rank"):
             if getattr(self, name) <= 0:
                 raise OptionsError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

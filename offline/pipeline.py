@@ -11,6 +11,7 @@ the embeddings and head are rotated before calibration and each block as it is m
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import resource
 import time
@@ -23,9 +24,16 @@ from tqdm.auto import tqdm
 from offline import __version__
 from offline.calibration import read_texts, token_windows
 from offline.export import atomic_output_dir, copy_side_files, quantized_tensors, write_config, write_shards
+from offline.experts import UnfusedExperts
 from offline.fit_target import CrossStats
 from offline.layer_quant import QuantizedLinear, quantize_group
-from offline.model_structure import capture_block_inputs, run_block, shared_input_groups
+from offline.model_structure import (
+    UnsupportedModelError,
+    capture_block_inputs,
+    check_block_weights,
+    run_block,
+    shared_input_groups,
+)
 from offline.options import QuantizeOptions
 from offline.rank_allocation import LayerSpectrum, allocate_budget
 from offline.source_model import open_source_model
@@ -35,6 +43,8 @@ from offline.simulate import ReferenceASERLinear, set_submodule
 from offline.whitening import ActivationStats
 from vllm_aser import format as fmt
 from vllm_aser.kernels.reference import dequantize_weight
+
+logger = logging.getLogger("offline.pipeline")
 
 
 @dataclass
@@ -80,7 +90,7 @@ def quantize_block(
     """Quantize one decoder block; return its results, the block's outputs (the next block's inputs) and, with
     `fp_inputs` (the full-precision model's stream, for --fit-target model), the full-precision outputs."""
     groups = shared_input_groups(block, *inputs[0])
-    stats = {tuple(g): ActivationStats(block.get_submodule(g[0]).in_features) for g in groups}
+    stats = {tuple(g): _new_stats(block, g) for g in groups}
     cross = {key: CrossStats(s.gram.shape[0]) for key, s in stats.items()} if fp_inputs is not None else {}
     captured: dict[tuple, torch.Tensor] = {}
 
@@ -97,6 +107,10 @@ def quantize_block(
                     fp_outputs.append(run_block(block, fp_inputs[i][0], kwargs))
             with _InputHooks(block, groups, record):
                 outputs.append(run_block(block, hidden, kwargs))
+        starved = _recalibrate_starved_experts(block, block_prefix, stats, inputs, opts)
+        for entry in starved:
+            for key in entry.pop("groups"):
+                cross.pop(key, None)  # starved experts fit their own outputs on all tokens
         results = []
         for group in groups:
             linears = {f"{block_prefix}.{n}": block.get_submodule(n) for n in group}
@@ -106,7 +120,57 @@ def quantize_block(
             for name, result in zip([n for g in groups for n in g], results):
                 set_submodule(block, name, _simulated(result, opts))
             outputs = [run_block(block, hidden, kwargs) for hidden, kwargs in inputs]
-    return results, outputs, fp_outputs
+    return results, outputs, fp_outputs, starved
+
+
+def _new_stats(block, group: list[str]) -> ActivationStats:
+    return ActivationStats(block.get_submodule(group[0]).in_features)
+
+
+def _recalibrate_starved_experts(block, block_prefix: str, stats: dict, inputs, opts: QuantizeOptions) -> list[dict]:
+    """Experts routed fewer calibration tokens than `opts.moe_min_tokens` (default: their input width, below
+    which their Gram matrix is singular) are calibrated again on every token that enters their MoE layer, as
+    if routed to them. Returns one report entry per such expert."""
+    starved, keys = [], []
+    for name, experts in block.named_modules():
+        if not isinstance(experts, UnfusedExperts):
+            continue
+        groups = experts.groups(name)
+        for e in range(experts.num_experts):
+            gate_up, down = tuple(groups[2 * e]), tuple(groups[2 * e + 1])
+            routed, needed = stats[gate_up].tokens, opts.moe_min_tokens or stats[gate_up].gram.shape[0]
+            if routed < needed:
+                experts.calibrate_on_all.add(e)
+                keys += [gate_up, down]
+                starved.append({"expert": f"{block_prefix}.{name}.{e}", "routed_tokens": routed,
+                                "groups": (gate_up, down)})
+    if not starved:
+        return []
+    for key in keys:
+        stats[key] = _new_stats(block, list(key))
+    try:
+        with _InputHooks(block, [list(k) for k in keys], lambda key, x: stats[key].update(x)):
+            for hidden, kwargs in inputs:
+                run_block(block, hidden, kwargs)
+    finally:
+        for experts in block.modules():
+            if isinstance(experts, UnfusedExperts):
+                experts.calibrate_on_all.clear()
+    return starved
+
+
+def moe_report(source, starved: list[dict], opts: QuantizeOptions) -> dict | None:
+    """How the experts were calibrated: each from its routed tokens, except the starved ones listed."""
+    if not source.unfused_experts:
+        return None
+    return {
+        "expert_collections_per_block": [source.checkpoint_name(f"{source.stack.prefix}.*.{n}")
+                                         for n in source.unfused_experts],
+        "min_routed_tokens": opts.moe_min_tokens or "input width",
+        "rule": "an expert routed fewer calibration tokens than min_routed_tokens is calibrated on every token "
+                "entering its MoE layer, as if routed to it",
+        "starved_experts": starved,
+    }
 
 
 def unquantized_tensors(
@@ -168,20 +232,30 @@ def quantize_model(
     texts = read_texts(calib)
     tokenizer, source = open_source_model(model_dir)
     model, stack = source.model, source.stack
-    rotation, untied = None, False
+    unquantized = check_block_weights(stack.layers[0], f"{stack.prefix}.*")
+    rotation, untied, rotation_refused = None, False, None
     if opts.rotate != "none":
-        check_rotatable(model, stack)
-        rotation = residual_rotation(model.get_input_embeddings().weight.shape[1], opts.seed,
-                                     head_dim(stack.layers[0]))
-        untied = rotate_outside(model, stack, rotation)
+        try:
+            check_rotatable(model, stack)
+        except UnsupportedModelError as exc:
+            if opts.rotate == "hadamard":
+                raise
+            rotation_refused = str(exc)
+            logger.warning("--rotate auto: not rotating this model: %s", exc)
+        else:
+            rotation = residual_rotation(model.get_input_embeddings().weight.shape[1], opts.seed,
+                                         head_dim(stack.layers[0]))
+            untied = rotate_outside(model, stack, rotation)
     samples = token_windows(texts, tokenizer, opts.num_samples, opts.seq_len, opts.seed)
     batches = list(samples.split(opts.batch_size))
-    inputs = capture_block_inputs(model, stack, batches)
+    captured = capture_block_inputs(model, stack, batches)
+    hidden = captured.hidden
     # the full-precision model's stream, kept beside the quantized one only when it differs and is the target
-    fp_inputs = list(inputs) if opts.fit_target == "model" and opts.propagate_quantized else None
+    fp_hidden = list(hidden) if opts.fit_target == "model" and opts.propagate_quantized else None
 
     dtype = getattr(torch, opts.dtype)
     results: list[QuantizedLinear] = []
+    starved: list[dict] = []
     tensors: dict[str, torch.Tensor] = {}  # unquantized tensors to export (block norms, embeddings, head)
     bar = tqdm(range(len(stack.layers)), desc="quantizing blocks", unit="block", disable=not progress)
     for index in bar:
@@ -189,25 +263,35 @@ def quantize_model(
         block = source.materialize_block(index)
         if rotation is not None:
             rotate_block(block, prefix, rotation)
-        block_results, outputs, fp_outputs = quantize_block(block, prefix, inputs, opts, fp_inputs)
+        inputs = captured.for_block(index, hidden)
+        fp_inputs = None if fp_hidden is None else captured.for_block(index, fp_hidden)
+        block_results, hidden, fp_hidden, block_starved = quantize_block(block, prefix, inputs, opts, fp_inputs)
         results.extend(block_results)
+        starved.extend(block_starved)
         tensors.update(unquantized_tensors(block, prefix, {r.name for r in block_results}, dtype))
         source.release_block(index)
-        inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs)]
-        if fp_outputs is not None:
-            fp_inputs = [(out, kwargs) for out, (_, kwargs) in zip(fp_outputs, inputs)]
         bar.set_postfix(rss=f"{peak_rss_mib():.0f}MiB")
-    del inputs, fp_inputs
+    del captured, hidden, fp_hidden, inputs, fp_inputs
 
     if opts.rank_budget is not None:
         allocate_ranks(results, opts.rank_budget)
 
+    # exported under the checkpoint's names (transformers 5 renames some on load, e.g. Mixtral's experts)
+    rename = source.checkpoint_name
+    for result in results:
+        result.name = rename(result.name)
+    tensors = {rename(name): tensor for name, tensor in tensors.items()}
+    for entry in starved:
+        entry["expert"] = rename(entry["expert"])
+
+    # full-precision weights (MoE routers) that vLLM may still hand to the quantization method
+    routers = [rename(f"{stack.prefix}.{i}.{e['module']}") for i in range(len(stack.layers)) for e in unquantized]
     calibration = {"source": str(calib), "num_samples": opts.num_samples, "seq_len": opts.seq_len, "seed": opts.seed}
     # blocks were exported as they were quantized; what remains is outside the stack
     outside = unquantized_tensors(model, "", set(), dtype, skip_under=stack.prefix + ".")
     if getattr(model.config, "tie_word_embeddings", False):
         outside.pop("lm_head.weight", None)
-    tensors.update(outside)
+    tensors.update({rename(name): tensor for name, tensor in outside.items()})
     cfg = None
     if opts.export == "compressed-tensors":
         from offline import export_compressed as ct
@@ -223,7 +307,7 @@ def quantize_model(
             activation_bits=opts.a_bits,
             lowrank_dtype=opts.lowrank_dtype,
             lowrank_shared=opts.joint_lowrank,
-            ignore=["lm_head"],
+            ignore=["lm_head", *routers],
             ranks={r.name: r.rank for r in results},
             method=opts.method,
             calibration=calibration,
@@ -240,10 +324,13 @@ def quantize_model(
         "options": opts.to_dict(),
         "rank_rule": opts.rank_rule,
         "rotation": None if rotation is None else {"kind": rotation.kind, "untied_embeddings": untied},
+        "rotation_refused": rotation_refused,
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-    report = build_report(results, provenance)
+    for entry in unquantized:
+        entry["name"] = rename(entry["name"])
+    report = build_report(results, provenance, unquantized, moe_report(source, starved, opts))
     seconds = time.perf_counter() - start
     report["totals"]["quantize_seconds"] = round(seconds, 2)
     report["totals"]["peak_rss_mib"] = round(peak_rss_mib(), 1)

@@ -20,7 +20,11 @@ def layer_entry(result: QuantizedLinear) -> dict:
     }
 
 
-def build_report(results: list[QuantizedLinear], provenance: dict) -> dict:
+def build_report(
+    results: list[QuantizedLinear], provenance: dict, unquantized: list[dict] = (), moe: dict | None = None
+) -> dict:
+    """`unquantized`: block weights kept in full precision besides norms (and why); `moe`: how the experts
+    were calibrated."""
     layers = [layer_entry(r) for r in results]
     weight_params = sum(r.out_features * r.in_features for r in results)
     extra = round(sum(r.extra_params for r in results))
@@ -36,5 +40,7 @@ def build_report(results: list[QuantizedLinear], provenance: dict) -> dict:
             "mean_rel_output_error_reconstructed": round(mean("rel_output_error_reconstructed"), 6),
         },
         "provenance": provenance,
+        "unquantized": list(unquantized),
+        "moe": moe,
         "layers": layers,
     }

@@ -195,7 +195,14 @@ def check_rotatable(model: nn.Module, stack: DecoderStack) -> None:
     block = stack.layers[0]
     for name in (*READERS, *(r for rs in READERS.values() for r in rs), *WRITERS):
         _get(block, name, f"{stack.prefix}.0")
-    _final_norm(model, stack)
+    extra_norms = [n for n, m in block.named_children() if "norm" in type(m).__name__.lower() and n not in READERS]
+    if extra_norms:
+        raise UnsupportedModelError(
+            f"--rotate: {stack.prefix}.0 has norms besides {' and '.join(READERS)} ({', '.join(extra_norms)}): a "
+            "norm on a sublayer's output before the residual add (Gemma's sandwich norms) does not commute with a "
+            "rotation of the residual stream; quantize this family with --rotate none"
+        )
+    _plain_rmsnorm_weight(*_final_norm(model, stack))
     if not isinstance(model.get_input_embeddings(), nn.Embedding) or model.get_output_embeddings() is None:
         raise UnsupportedModelError("--rotate: the model needs an nn.Embedding input and a linear head")
 

@@ -12,6 +12,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from offline.experts import unfuse_stack_experts
+from offline.model_structure import find_decoder_stack
+from offline.source_model import checkpoint_naming
 from vllm_aser import format as fmt
 from vllm_aser.kernels.reference import aser_linear, dequantize_weight, unpack_int
 
@@ -71,6 +74,11 @@ def load_reference_model(model_dir: str | Path, dtype: torch.dtype = torch.float
         with safe_open(file, framework="pt") as fh:
             for key in fh.keys():
                 tensors[key] = fh.get_tensor(key)
+    # the files use the checkpoint's names (per-expert linears, Mixtral's block_sparse_moe); the model, its own
+    checkpoint_name = checkpoint_naming(model)
+    unfuse_stack_experts(find_decoder_stack(model), checkpoint_name, list(tensors))
+    module_of = {checkpoint_name(name): name for name, _ in model.named_modules()}
+    param_of = {checkpoint_name(name): name for name in model.state_dict()}
     for module, rank in cfg.ranks.items():
         get = lambda suffix: tensors.pop(fmt.tensor_name(module, suffix))  # noqa: E731
         shape = get(fmt.WEIGHT_SHAPE).tolist()
@@ -80,8 +88,9 @@ def load_reference_model(model_dir: str | Path, dtype: torch.dtype = torch.float
         up = get(fmt.LOWRANK_UP) if rank else None
         bias = tensors.pop(f"{module}.bias", None)
         set_submodule(
-            model, module, ReferenceASERLinear(weight, 1.0 / get(fmt.SMOOTH), down, up, bias, cfg.activation_bits)
+            model, module_of.get(module, module), ReferenceASERLinear(weight, 1.0 / get(fmt.SMOOTH), down, up, bias, cfg.activation_bits)
         )
+    tensors = {param_of.get(name, name): tensor for name, tensor in tensors.items()}
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected:
         raise fmt.FormatError(f"{model_dir}: tensors not used by the model: {unexpected[:5]}")

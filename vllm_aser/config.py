@@ -64,6 +64,12 @@ class ASERConfig(QuantizationConfig):
         return [f"{parent}.{sub}" if parent else sub for sub in subs]
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        from vllm.model_executor.layers.fused_moe import RoutedExperts
+
+        if isinstance(layer, RoutedExperts):
+            from vllm_aser.moe_method import ASERMoEMethod
+
+            return ASERMoEMethod(self.spec, prefix, layer.moe_config)
         if not isinstance(layer, LinearBase):
             return None
         if is_layer_skipped(prefix, self.spec.ignore, self.packed_modules_mapping):

@@ -11,6 +11,7 @@ from vllm.model_executor.parameter import (
     ChannelQuantScaleParameter,
     GroupQuantScaleParameter,
     PackedvLLMParameter,
+    RowvLLMParameter,
 )
 
 from vllm_aser import format as fmt
@@ -39,7 +40,10 @@ class ASERLinearMethod(LinearMethodBase):
     ) -> None:
         spec, loader = self.spec, extra_weight_attrs["weight_loader"]
         in_part, out_total = input_size_per_partition, sum(output_partition_sizes)
-        if len(self.ranks) != len(output_partition_sizes):
+        # a checkpoint that stores the fused layer whole (Phi-3's qkv_proj, gate_up_proj): one rank, one smoothing
+        # vector, one down-projection; vLLM splits the output-dim tensors among the sub-layers itself
+        self.prefused = len(self.ranks) == 1 and len(output_partition_sizes) > 1
+        if len(self.ranks) != len(output_partition_sizes) and not self.prefused:
             raise fmt.FormatError(
                 f"{self.prefix}: {len(output_partition_sizes)} fused sub-layers but {len(self.ranks)} ranks"
             )
@@ -81,10 +85,12 @@ class ASERLinearMethod(LinearMethodBase):
         layer.register_parameter(
             fmt.WEIGHT_SHAPE, BasevLLMParameter(data=torch.empty(2, dtype=torch.int64), weight_loader=loader)
         )
+        smooth = torch.ones(in_part, dtype=torch.float32)
         layer.register_parameter(
             fmt.SMOOTH,
+            RowvLLMParameter(input_dim=0, weight_loader=loader, data=smooth) if self.prefused else
             SiblingSharedParameter(what=fmt.SMOOTH, layer_name=self.prefix, input_dim=0, weight_loader=loader,
-                                   data=torch.ones(in_part, dtype=torch.float32)),
+                                   data=smooth),
         )
         self._create_lowrank(layer, in_part, out_total, loader)
         layer.logical_widths = output_partition_sizes
@@ -96,11 +102,19 @@ class ASERLinearMethod(LinearMethodBase):
         layer.aser_act_dtype = params_dtype
 
     def _create_lowrank(self, layer: torch.nn.Module, in_part: int, out_total: int, loader) -> None:
-        """Shared: one down-projection for all fused sub-layers (each writes the same copy, like the smoothing
+        """Pre-fused checkpoint: the layer's own single pair. Shared: one down-projection for all fused sub-layers (each writes the same copy, like the smoothing
         vector) and a plain column-sharded up-projection. Separate: one rank slot per sub-layer and a
         block-diagonal up-projection."""
         lowrank_dtype = getattr(torch, self.spec.lowrank_dtype)
-        if self.spec.lowrank_shared:
+        if self.prefused:
+            rank = self.ranks[0]
+            if not rank:
+                return
+            down = RowvLLMParameter(input_dim=1, weight_loader=loader,
+                                    data=torch.zeros(rank, in_part, dtype=lowrank_dtype))
+            up = ChannelQuantScaleParameter(data=torch.zeros(out_total, rank, dtype=lowrank_dtype), output_dim=0,
+                                            weight_loader=loader)
+        elif self.spec.lowrank_shared:
             if len(set(self.ranks)) != 1:
                 raise fmt.FormatError(
                     f"{self.prefix}: quantization_config.lowrank_shared is true but the fused sub-layers have "
