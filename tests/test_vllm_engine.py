@@ -90,6 +90,10 @@ def test_bf16_logprobs_close_to_reference(llama_aser_bf16, cpu_env):
 
 
 def test_tensor_parallel_2_matches_tp1(llama_aser_fp32, cpu_env):
+    assert_tp2_matches_tp1(llama_aser_fp32, cpu_env)
+
+
+def assert_tp2_matches_tp1(model_dir: Path, cpu_env: dict) -> None:
     """Row-parallel layers (o_proj, down_proj) quantize each rank's slice of the activation with its own
     per-token scale, as vLLM's in-tree int8 methods do: finer than TP=1's single scale and no extra collective.
     So TP=2 is a (slightly more accurate) different rounding of the same model, not bit-identical: its logprobs
@@ -97,8 +101,8 @@ def test_tensor_parallel_2_matches_tp1(llama_aser_fp32, cpu_env):
     (top two within that tolerance), after which the continuations are no longer comparable."""
     env = dict(cpu_env, VLLM_CPU_OMP_THREADS_BIND="0|1")
     tolerance = 2e-2
-    tp1 = run_vllm(cpu_env, model=str(llama_aser_fp32), dtype="float32")
-    tp2 = run_vllm(env, model=str(llama_aser_fp32), dtype="float32", tp=2)
+    tp1 = run_vllm(cpu_env, model=str(model_dir), dtype="float32")
+    tp2 = run_vllm(env, model=str(model_dir), dtype="float32", tp=2)
     compared = 0
     for a, b in zip(tp1, tp2):
         assert a["prompt_ids"] == b["prompt_ids"]

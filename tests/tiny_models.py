@@ -96,3 +96,38 @@ def build_tiny_model(
 def write_calibration_text(path: Path, n_words: int = 30000, seed: int = 7) -> Path:
     path.write_text(english_like_text(n_words, seed))
     return path
+
+
+# transformers model types of the families built by build_family_model (beyond Llama/Qwen2)
+FAMILIES = ("gemma3_text", "phi3", "qwen3_moe", "mixtral")
+
+
+def build_family_model(directory: Path, family: str, seed: int = 0) -> Path:
+    """A random-weight model of a transformers family from its own config class (AutoConfig.for_model), as a
+    new user would bring it: Gemma 3 (sandwich norms, sliding-window layers), Phi-3 (fused qkv/gate_up in
+    the checkpoint), Qwen3-MoE and Mixtral (experts fused in transformers, per expert in the checkpoint)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(directory)
+    kwargs = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=304, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.eos_token_id)
+    if family in ("qwen3_moe", "mixtral"):  # 4 experts, top 2; expert width 96 splits over TP=2 in int4 packing
+        kwargs.update(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96)
+    if family == "gemma3_text":  # layer 0 sliding-window, layer 1 global
+        kwargs.update(head_dim=32, sliding_window=64, layer_types=["sliding_attention", "full_attention"])
+    if family == "qwen3_moe":
+        kwargs.update(head_dim=32, decoder_sparse_step=1, mlp_only_layers=[])
+    if family == "mixtral":
+        kwargs.update(intermediate_size=96)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **kwargs))
+    with torch.no_grad():  # random norms (Gemma's init is zeros, i.e. unit gain): a real model's are not flat
+        for name, param in model.named_parameters():
+            if "norm" in name and param.dim() == 1:
+                param.uniform_(-0.5, 0.5) if family == "gemma3_text" else param.uniform_(0.5, 1.5)
+    model.save_pretrained(directory)
+    return directory

@@ -124,7 +124,9 @@ class ASERMoEMethod(FusedMoEMethodBase):
                 else:
                     dst, src = dst.narrow(0, row0, inter).narrow(1, col0, rank_of), src.narrow(0, lo, inter)
         else:  # w2: the intermediate size is its input
-            if suffix in (fmt.WEIGHT_PACKED, fmt.WEIGHT_SCALE, fmt.SMOOTH, fmt.LOWRANK_DOWN) and self.tp_size > 1:
+            per_channel_scale = suffix == fmt.WEIGHT_SCALE and self.spec.weight_group_size == -1
+            if suffix in (fmt.WEIGHT_PACKED, fmt.WEIGHT_SCALE, fmt.SMOOTH, fmt.LOWRANK_DOWN) and self.tp_size > 1 \
+                    and not per_channel_scale:
                 dim = 0 if suffix == fmt.SMOOTH else 1
                 per = {fmt.WEIGHT_PACKED: inter // self.spec.pack_factor,
                        fmt.WEIGHT_SCALE: self.spec.num_groups(inter)}.get(suffix, inter)
