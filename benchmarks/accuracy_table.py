@@ -202,7 +202,9 @@ def resolved_options(row: Row) -> dict | None:
 
 # Options added after rows were cached, each with the value that reproduces the behaviour from before it
 # existed: a cached row without the option still matches a row that resolves to that value.
-ADDED_OPTIONS = {"rotate": "none", "fit_target": "layer"}
+ADDED_OPTIONS = {"rotate": "none", "fit_target": "layer", "moe_min_tokens": None, "device": "auto"}
+# Option values that resolve to another on the table's model: SmolLM2's blocks are rotatable, so auto is hadamard
+RESOLVED_ON_SMOLLM2 = {"rotate": {"auto": "hadamard"}}
 
 
 def is_cached(row: Row, results: dict) -> bool:
@@ -213,7 +215,10 @@ def is_cached(row: Row, results: dict) -> bool:
         return False
     if not row.quantized:
         return rec.get("command") == row_command(row)
-    return {**ADDED_OPTIONS, **rec.get("options", {})} == resolved_options(row)
+    resolved = resolved_options(row)
+    for option, values in RESOLVED_ON_SMOLLM2.items():
+        resolved[option] = values.get(resolved[option], resolved[option])
+    return {**ADDED_OPTIONS, **rec.get("options", {})} == resolved
 
 
 def row_command(row: Row) -> str:

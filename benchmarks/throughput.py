@@ -6,7 +6,9 @@ vLLM's in-tree support) and the ASER W4A8 model; then runs `vllm bench throughpu
 for each at several input/output lengths, and records tokens/s, the ratio to BF16 of the same run, the weight
 bytes on disk and the engine start-up time. Writes docs/throughput/{results.json,THROUGHPUT.md,throughput.png}.
 
-    python benchmarks/throughput.py [--models smollm2 llama-1b-random] [--only aser,bf16]
+    python benchmarks/throughput.py [--models smollm2 llama-1b-random qwen3-moe-random] [--only aser,bf16]
+
+The random Qwen3-MoE (benchmarks/random_moe.py) runs BF16 and ASER only.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ METHODS = {  # name -> aser-quantize options (None: the unquantized model itself
     "w4a16": [*FAST_RTN, "--w-bits", "4", "--a-bits", "16", "--export", "compressed-tensors"],
     "aser": [],  # the defaults: ASER W4A8, 3% low-rank budget (SmolLM2: the quickstart's artifact when present)
 }
+# vLLM's CPU build has no compressed-tensors int8/int4 MoE method: the MoE model compares ASER with BF16 only
+MODEL_METHODS = {"qwen3-moe-random": ("bf16", "aser")}
 # vLLM's CPU build serves compressed-tensors int4 in BF16 through an AMX int4 x int8 kernel when the CPU has AMX
 # (VLLM_CPU_INT4_W4A8=1, its default); that kernel needs input sizes that are multiples of 128 and fails to load
 # SmolLM2 (hidden size 576). There the W4A16 row runs vLLM's weight-only int4 kernel instead.
@@ -62,14 +66,18 @@ def prepare(model: str, assets: dict, cache: Path, log: Path) -> dict[str, Path]
         source, calib, extra = Path(assets["model"]), assets["calib"], []
     else:
         from random_llama import build_random_llama, write_random_text  # benchmarks/ is on sys.path (main)
+        from random_moe import build_random_qwen3_moe
 
-        source = build_random_llama(cache / "llama-1b-random", Path(assets["model"]))
+        source = (build_random_llama(cache / "llama-1b-random", Path(assets["model"])) if model == "llama-1b-random"
+                  else build_random_qwen3_moe(cache / "qwen3-moe-random", Path(assets["model"])))
         calib = str(write_random_text(cache / "random-text.txt", source))
         # random weights: the values do not matter here, only the ranks; the RTN base because GPTQ with clipped
         # scales ran past 35 minutes on this 2-core machine for the 1B model without finishing
         extra = ["--num-samples", "8", "--seq-len", "256", "--base", "rtn", "--clip", "minmax"]
     dirs = {}
     for method, options in METHODS.items():
+        if method not in MODEL_METHODS.get(model, METHODS):
+            continue
         if options is None:
             dirs[method] = source
             continue
@@ -169,7 +177,7 @@ def plot(results: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="*", default=["smollm2"], choices=["smollm2", "llama-1b-random"])
+    p.add_argument("--models", nargs="*", default=["smollm2"], choices=["smollm2", "llama-1b-random", "qwen3-moe-random"])
     p.add_argument("--only", help="comma-separated methods (default: all of " + ", ".join(METHODS) + ")")
     p.add_argument("--workloads", choices=list(WORKLOAD_SETS), default="batch",
                    help="batch: 128/128 x 64 and 1024/16 x 32; single: 128/128 x 4 one request at a time; all")
@@ -198,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         entry = results.setdefault(model, {"runs": {}, "weight_bytes": {}})
         if entry.get("machine") != machine:  # rows from another CPU are not comparable: start afresh
             entry.update(runs={}, weight_bytes={}, machine=machine)
-        for method in methods:
+        for method in [m for m in methods if m in dirs]:
             entry["weight_bytes"][method] = weight_bytes(dirs[method])
             for workload in WORKLOAD_SETS[args.workloads]:
                 key = f"{method}@{workload_name(workload)}"

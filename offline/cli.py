@@ -10,6 +10,7 @@ from offline import __version__
 from offline.options import (
     BASES,
     CLIPS,
+    DEVICES,
     DTYPES,
     EXPORTS,
     FIT_TARGETS,
@@ -83,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "baseline for vLLM's in-tree compressed-tensors support (needs --method rtn)")
     p.add_argument("--dtype", choices=DTYPES, default=defaults.dtype, help="dtype of unquantized tensors")
     p.add_argument("--lowrank-dtype", choices=DTYPES, help="dtype of the low-rank factors (default: --dtype)")
+    p.add_argument("--device", choices=DEVICES, default=defaults.device,
+                   help="where blocks are calibrated and quantized (auto: cuda when torch sees a GPU). Memory on "
+                   "the device: one decoder block in float32, the calibration activations entering and leaving it "
+                   "(2 x num-samples x seq-len x hidden x 4 bytes), and the float64 Gram matrix of each input the "
+                   "block's linears share (in_features^2 x 8 bytes each); blocks are read from disk one at a time")
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed for the choice of calibration windows")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -63,6 +63,17 @@ class QuantizedLinear:
     def in_features(self) -> int:
         return self.q.shape[1]
 
+    def to(self, device: torch.device | str) -> QuantizedLinear:
+        """Move every tensor (in place): results computed on a GPU are kept on the CPU until export."""
+        for name in ("q", "scale", "smooth", "bias", "error_curve"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        if self.spectrum is not None:
+            self.spectrum = LowRankSpectrum(*(t.to(device) for t in
+                                              (self.spectrum.up, self.spectrum.down, self.spectrum.singular_values)))
+        return self
+
     def lowrank(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         if not self.rank or self.spectrum is None:
             return None

@@ -12,6 +12,7 @@ CLIPS = ("minmax", "mse")
 EXPORTS = ("aser", "compressed-tensors")
 ROTATIONS = ("auto", "hadamard", "none")
 FIT_TARGETS = ("layer", "model")
+DEVICES = ("auto", "cpu", "cuda")
 COMPRESSED_TENSORS_BITS = ((8, 8), (4, 16))  # W8A8 int8, W4A16
 
 
@@ -39,6 +40,7 @@ class QuantizeOptions:
     rotate: str = "auto"
     fit_target: str = "layer"
     moe_min_tokens: int | None = None
+    device: str = "auto"
     propagate_quantized: bool = True
     joint_lowrank: bool = True
     dtype: str = "bfloat16"
@@ -100,6 +102,8 @@ class QuantizeOptions:
             self.lowrank_dtype = self.dtype
         if self.lowrank_dtype not in DTYPES:
             raise OptionsError(f"--lowrank-dtype must be one of {DTYPES}, got {self.lowrank_dtype!r}")
+        if self.device not in DEVICES:
+            raise OptionsError(f"--device must be one of {DEVICES}, got {self.device!r}")
         if self.moe_min_tokens is not None and self.moe_min_tokens < 0:
             raise OptionsError(f"--moe-min-tokens must be >= 0, got {self.moe_min_tokens}")
         for name in ("num_samples", "seq_len", "batch_size", "max_rank"):

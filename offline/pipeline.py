@@ -173,6 +173,27 @@ def moe_report(source, starved: list[dict], opts: QuantizeOptions) -> dict | Non
     }
 
 
+def compute_device(name: str) -> torch.device:
+    """Where blocks are calibrated and quantized: --device auto takes the GPU when torch sees one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False; a CPU-only "
+                         "torch build, or no driver); use --device cpu")
+    return torch.device(name)
+
+
+def to_device(value, device: torch.device):
+    """Block keyword arguments (masks, rotary cos/sin, nested in tuples or dicts) on the compute device."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
 def unquantized_tensors(
     module: torch.nn.Module, prefix: str, quantized: set[str], dtype: torch.dtype, skip_under: str | None = None
 ) -> dict:
@@ -183,7 +204,7 @@ def unquantized_tensors(
         full = f"{prefix}.{name}" if prefix else name
         if full.rsplit(".", 1)[0] in quantized or tensor.is_meta or (skip_under and full.startswith(skip_under)):
             continue
-        tensors[full] = tensor.to(dtype).clone() if tensor.is_floating_point() else tensor.clone()
+        tensors[full] = (tensor.to(dtype) if tensor.is_floating_point() else tensor).to("cpu", copy=True)
     return tensors
 
 
@@ -249,7 +270,8 @@ def quantize_model(
     samples = token_windows(texts, tokenizer, opts.num_samples, opts.seq_len, opts.seed)
     batches = list(samples.split(opts.batch_size))
     captured = capture_block_inputs(model, stack, batches)
-    hidden = captured.hidden
+    device = compute_device(opts.device)
+    hidden = [h.to(device) for h in captured.hidden]
     # the full-precision model's stream, kept beside the quantized one only when it differs and is the target
     fp_hidden = list(hidden) if opts.fit_target == "model" and opts.propagate_quantized else None
 
@@ -263,15 +285,19 @@ def quantize_model(
         block = source.materialize_block(index)
         if rotation is not None:
             rotate_block(block, prefix, rotation)
-        inputs = captured.for_block(index, hidden)
-        fp_inputs = None if fp_hidden is None else captured.for_block(index, fp_hidden)
-        block_results, hidden, fp_hidden, block_starved = quantize_block(block, prefix, inputs, opts, fp_inputs)
-        results.extend(block_results)
+        block.to(device)
+        kwargs = [to_device(kw, device) for kw in captured.kwargs[index]]
+        inputs = list(zip(hidden, kwargs))
+        fp_inputs = None if fp_hidden is None else list(zip(fp_hidden, kwargs))
+        with torch.device(device):  # tensors the quantizer creates land beside the block
+            block_results, hidden, fp_hidden, block_starved = quantize_block(block, prefix, inputs, opts, fp_inputs)
+        results.extend(r.to("cpu") for r in block_results)
         starved.extend(block_starved)
         tensors.update(unquantized_tensors(block, prefix, {r.name for r in block_results}, dtype))
+        block.to("cpu")
         source.release_block(index)
         bar.set_postfix(rss=f"{peak_rss_mib():.0f}MiB")
-    del captured, hidden, fp_hidden, inputs, fp_inputs
+    del captured, hidden, fp_hidden, inputs, fp_inputs, kwargs
 
     if opts.rank_budget is not None:
         allocate_ranks(results, opts.rank_budget)
@@ -325,6 +351,7 @@ def quantize_model(
         "rank_rule": opts.rank_rule,
         "rotation": None if rotation is None else {"kind": rotation.kind, "untied_embeddings": untied},
         "rotation_refused": rotation_refused,
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "torch": torch.__version__,
         "python": platform.python_version(),
     }

@@ -184,6 +184,8 @@ def test_unsupported_model(tmp_path, calib_text):
         ({"a_bits": 16}, "only for --export compressed-tensors"),
         ({"rotate": "spin"}, "--rotate"),
         ({"fit_target": "fp"}, "--fit-target"),
+        ({"device": "tpu"}, "--device"),
+        ({"moe_min_tokens": -1}, "--moe-min-tokens"),
     ],
 )
 def test_bad_options(kwargs, message):
@@ -218,3 +220,24 @@ def test_report_summary_lists_worst_layers_first(llama_aser_fp32, tmp_path, caps
     assert "q_proj" in text and "extra parameters" in text
     assert report_main([str(tmp_path)]) == 2
     assert "aser_report.json" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_refused(tiny_llama, calib_text, tmp_path):
+    with pytest.raises(ValueError, match="--device cuda: torch sees no CUDA device.*--device cpu"):
+        quantize(tiny_llama, tmp_path / "out", calib_text, device="cuda")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_quantizing_on_the_gpu_matches_the_cpu(tiny_llama, calib_text, tmp_path):
+    """The same pipeline on a GPU: float order differs, so a few GPTQ roundings may too; the layer errors may not."""
+    reports = {}
+    for device in ("cpu", "cuda"):
+        out = quantize(tiny_llama, tmp_path / device, calib_text, device=device, rank=8)
+        reports[device] = json.loads((out / "aser_report.json").read_text())
+    assert reports["cuda"]["provenance"]["device"].startswith("cuda")
+    for cpu, gpu in zip(reports["cpu"]["layers"], reports["cuda"]["layers"]):
+        assert cpu["name"] == gpu["name"]
+        assert gpu["rel_output_error_reconstructed"] == pytest.approx(cpu["rel_output_error_reconstructed"], rel=0.05)
