@@ -98,13 +98,15 @@ def write_calibration_text(path: Path, n_words: int = 30000, seed: int = 7) -> P
     return path
 
 
-# transformers model types of the families built by build_family_model (beyond Llama/Qwen2)
-FAMILIES = ("gemma3_text", "phi3", "qwen3_moe", "mixtral")
+# transformers model types of the families built by build_family_model (beyond Llama/Qwen2); the first two have
+# Llama-style blocks (rotated by --rotate auto), the others not
+FAMILIES = ("qwen3", "mistral", "gemma3_text", "phi3", "qwen3_moe", "mixtral")
+ROTATABLE_FAMILIES = ("qwen3", "mistral")
 
 
 def build_family_model(directory: Path, family: str, seed: int = 0) -> Path:
     """A random-weight model of a transformers family from its own config class (AutoConfig.for_model), as a
-    new user would bring it: Gemma 3 (sandwich norms, sliding-window layers), Phi-3 (fused qkv/gate_up in
+    new user would bring it: Qwen3 (q/k norms), Mistral, Gemma 3 (sandwich norms, sliding-window layers), Phi-3 (fused qkv/gate_up in
     the checkpoint), Qwen3-MoE and Mixtral (experts fused in transformers, per expert in the checkpoint)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -119,8 +121,10 @@ def build_family_model(directory: Path, family: str, seed: int = 0) -> Path:
         kwargs.update(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96)
     if family == "gemma3_text":  # layer 0 sliding-window, layer 1 global
         kwargs.update(head_dim=32, sliding_window=64, layer_types=["sliding_attention", "full_attention"])
+    if family in ("qwen3", "qwen3_moe"):
+        kwargs.update(head_dim=32)
     if family == "qwen3_moe":
-        kwargs.update(head_dim=32, decoder_sparse_step=1, mlp_only_layers=[])
+        kwargs.update(decoder_sparse_step=1, mlp_only_layers=[])
     if family == "mixtral":
         kwargs.update(intermediate_size=96)
     torch.manual_seed(seed)
