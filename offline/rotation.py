@@ -18,17 +18,29 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from offline.experts import UnfusedExperts
 from offline.model_structure import DecoderStack, UnsupportedModelError
 
 logger = logging.getLogger("offline.rotation")
 
-# linears fed by each norm, and linears that write into the residual stream (Llama, Qwen2, Qwen3, Mistral)
-READERS = {
-    "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
-}
-WRITERS = ("self_attn.o_proj", "mlp.down_proj")
-VALUE, ATTN_OUT = "self_attn.v_proj", "self_attn.o_proj"  # per-head rotation of the values (R2)
+# The norms whose outputs the block's linears read, and the alternatives for those linears (the first one a block
+# has is used): Llama/Qwen/Mistral q/k/v and gate/up, Phi-3's fused qkv_proj and gate_up_proj; MoE blocks have
+# the router and every expert's gate/up instead (found from the unfused experts, offline/experts.py).
+NORMS = ("input_layernorm", "post_attention_layernorm")
+ATTENTION_READERS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.qkv_proj",))
+MLP_READERS = (("mlp.gate_proj", "mlp.up_proj"), ("mlp.gate_up_proj",))
+ATTN_OUT, MLP_OUT = "self_attn.o_proj", "mlp.down_proj"  # the writers into the residual stream
+LAYOUT_HELP = ("rotation knows Llama-style blocks (input_layernorm -> q/k/v_proj or qkv_proj, post_attention_layernorm "
+               "-> gate/up_proj, gate_up_proj or a router and its experts; o_proj and down_proj writing the residual)")
+
+
+@dataclass
+class BlockLayout:
+    readers: dict[str, list[str]]  # norm -> the modules (a 2-D `weight` over the hidden size) reading its output
+    writers: list[str]  # linears adding into the residual stream
+    value: str  # the linear whose last rows are the attention values (v_proj, or a fused qkv_proj)
+    value_fused: bool = False  # True: `value` is a fused qkv_proj
+    attn_out: str = ATTN_OUT
 
 
 def _is_prime(q: int) -> bool:
@@ -133,10 +145,49 @@ def _get(module: nn.Module, name: str, where: str) -> nn.Module:
         return module.get_submodule(name)
     except AttributeError:
         raise UnsupportedModelError(
-            f"--rotate: {where} has no {name}; rotation knows Llama-style blocks (input_layernorm -> q/k/v_proj, "
-            "post_attention_layernorm -> gate/up_proj, o_proj and down_proj writing the residual): quantize this "
-            "family with --rotate none"
+            f"--rotate: {where} has no {name}; {LAYOUT_HELP}: quantize this family with --rotate none"
         ) from None
+
+
+def _first_present(block: nn.Module, alternatives, where: str) -> list[str]:
+    for names in alternatives:
+        if all(_has(block, n) for n in names):
+            return list(names)
+    _get(block, alternatives[0][0], where)  # raises, naming the usual layout
+    raise AssertionError
+
+
+def _has(block: nn.Module, name: str) -> bool:
+    try:
+        block.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def block_layout(block: nn.Module, where: str) -> BlockLayout:
+    """Which modules read each norm's output and which write the residual stream; every linear of the block must
+    be one of them (anything else is refused by name: a rotation that missed it would change the model)."""
+    attention = _first_present(block, ATTENTION_READERS, where)
+    experts = [(n, m) for n, m in block.named_modules() if isinstance(m, UnfusedExperts)]
+    if experts:
+        name, collection = experts[0]
+        router = name.rpartition(".")[0] + ".gate"
+        weight = getattr(block.get_submodule(router), "weight", None) if _has(block, router) else None
+        if len(experts) > 1 or weight is None or weight.shape[0] != collection.num_experts:
+            raise UnsupportedModelError(f"--rotate: {where}.{name}: no router {router} beside the experts; "
+                                        f"{LAYOUT_HELP}: quantize this family with --rotate none")
+        groups = collection.groups(name)
+        mlp, writers = [router, *(n for g in groups[0::2] for n in g)], [n for g in groups[1::2] for n in g]
+    else:
+        mlp, writers = _first_present(block, MLP_READERS, where), [MLP_OUT]
+    layout = BlockLayout(dict(zip(NORMS, (attention, mlp))), [ATTN_OUT, *writers], attention[-1], len(attention) == 1)
+    covered = {n for names in layout.readers.values() for n in names} | set(layout.writers)
+    for name, module in block.named_modules():
+        if isinstance(module, nn.Linear) and name not in covered:
+            raise UnsupportedModelError(f"--rotate: {where}.{name} neither reads a norm's output nor writes the "
+                                        f"residual stream; {LAYOUT_HELP}: quantize this family with --rotate none")
+    return layout
 
 
 def _set(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -149,7 +200,8 @@ def _set(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = No
 def rotate_block(block: nn.Module, where: str, rotation: ResidualRotation) -> None:
     """Fold the block's norm weights into its readers and rotate readers and writers, in place."""
     q = rotation.matrix.float()  # float32 products: ~1e-7 relative, half the time of float64 on large models
-    for norm_name, readers in READERS.items():
+    layout = block_layout(block, where)
+    for norm_name, readers in layout.readers.items():
         norm = _get(block, norm_name, where)
         gain = _plain_rmsnorm_weight(norm, f"{where}.{norm_name}")
         for name in readers:
@@ -157,22 +209,28 @@ def rotate_block(block: nn.Module, where: str, rotation: ResidualRotation) -> No
             _set(linear, (linear.weight.float() * gain[None, :]) @ q)
         with torch.no_grad():
             norm.weight.fill_(1.0)
-    for name in WRITERS:
+    for name in layout.writers:
         linear = _get(block, name, where)
         bias = None if linear.bias is None else linear.bias.float() @ q
         _set(linear, q.t() @ linear.weight.float(), bias)
     if rotation.head is not None:
-        _rotate_heads(_get(block, VALUE, where), _get(block, ATTN_OUT, where), rotation.head.float())
+        _rotate_heads(_get(block, layout.value, where), _get(block, layout.attn_out, where), rotation.head.float(),
+                      layout.value_fused)
 
 
-def _rotate_heads(value: nn.Linear, attn_out: nn.Linear, r: torch.Tensor) -> None:
+def _rotate_heads(value: nn.Linear, attn_out: nn.Linear, r: torch.Tensor, fused: bool = False) -> None:
     """Each head's values v_h -> v_h R (v_proj rows R^T W_h, bias b_h R); attention mixes value rows, so each
-    head's output turns by R too, undone in o_proj's columns (W_o,h R). GQA: one R for every head."""
+    head's output turns by R too, undone in o_proj's columns (W_o,h R). GQA: one R for every head. A fused
+    qkv_proj holds the values in its last rows: as many as its rows beyond o_proj's input, halved (k and v)."""
     hd = r.shape[0]
-    w = value.weight.float()
-    heads = w.shape[0] // hd
-    _set(value, torch.einsum("ji,hjk->hik", r, w.reshape(heads, hd, -1)).reshape(w.shape),
-         None if value.bias is None else (value.bias.float().reshape(heads, hd) @ r).reshape(-1))
+    w = value.weight.detach().float().clone()
+    bias = None if value.bias is None else value.bias.detach().float().clone()
+    rows = (w.shape[0] - attn_out.weight.shape[1]) // 2 if fused else w.shape[0]
+    heads = rows // hd
+    w[-rows:] = torch.einsum("ji,hjk->hik", r, w[-rows:].reshape(heads, hd, -1)).reshape(rows, -1)
+    if bias is not None:
+        bias[-rows:] = (bias[-rows:].reshape(heads, hd) @ r).reshape(-1)
+    _set(value, w, bias)
     o = attn_out.weight.float()
     _set(attn_out, (o.reshape(o.shape[0], -1, hd) @ r).reshape(o.shape))
 
@@ -193,12 +251,13 @@ def _final_norm(model: nn.Module, stack: DecoderStack) -> tuple[nn.Module, str]:
 def check_rotatable(model: nn.Module, stack: DecoderStack) -> None:
     """Refuse, by name, what rotate_block / rotate_outside could not rotate exactly (before any block is read)."""
     block = stack.layers[0]
-    for name in (*READERS, *(r for rs in READERS.values() for r in rs), *WRITERS):
+    for name in NORMS:
         _get(block, name, f"{stack.prefix}.0")
-    extra_norms = [n for n, m in block.named_children() if "norm" in type(m).__name__.lower() and n not in READERS]
+    block_layout(block, f"{stack.prefix}.0")
+    extra_norms = [n for n, m in block.named_children() if "norm" in type(m).__name__.lower() and n not in NORMS]
     if extra_norms:
         raise UnsupportedModelError(
-            f"--rotate: {stack.prefix}.0 has norms besides {' and '.join(READERS)} ({', '.join(extra_norms)}): a "
+            f"--rotate: {stack.prefix}.0 has norms besides {' and '.join(NORMS)} ({', '.join(extra_norms)}): a "
             "norm on a sublayer's output before the residual add (Gemma's sandwich norms) does not commute with a "
             "rotation of the residual stream; quantize this family with --rotate none"
         )

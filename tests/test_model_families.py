@@ -74,7 +74,7 @@ def test_each_block_is_calibrated_with_its_own_attention_arguments(family_models
 
 
 def test_rotation_auto_applies_where_the_structure_allows(family_artifacts):
-    for family in FAMILIES:  # sandwich norms (Gemma), fused qkv (Phi-3), experts (MoE): not rotated, and said so
+    for family in FAMILIES:  # Gemma's sandwich norms do not commute with a rotation: not rotated, and said so
         provenance = _report(family_artifacts[family])["provenance"]
         if family in ROTATABLE_FAMILIES:
             assert provenance["rotation"]["kind"] == "hadamard" and provenance["rotation_refused"] is None
@@ -82,6 +82,33 @@ def test_rotation_auto_applies_where_the_structure_allows(family_artifacts):
             assert provenance["rotation"] is None and "--rotate none" in provenance["rotation_refused"], family
     gemma = _report(family_artifacts["gemma3_text"])["provenance"]["rotation_refused"]
     assert "pre_feedforward_layernorm" in gemma
+
+
+@pytest.mark.parametrize("family", ["phi3", "qwen3_moe", "mixtral"])
+def test_rotation_preserves_fused_and_moe_models(family, family_models):
+    """Phi-3's fused qkv (values in its last rows) and gate_up; MoE routers, every expert's gate/up and down."""
+    from transformers import AutoModelForCausalLM
+
+    from offline.experts import unfuse_stack_experts
+    from offline.model_structure import find_decoder_stack
+    from offline.rotation import check_rotatable, head_dim, residual_rotation, rotate_block, rotate_outside
+    from offline.source_model import checkpoint_naming
+
+    model = AutoModelForCausalLM.from_pretrained(family_models[family], dtype=torch.float32).eval()
+    stack = find_decoder_stack(model)
+    with safe_open(family_models[family] / "model.safetensors", "pt") as fh:
+        unfuse_stack_experts(stack, checkpoint_naming(model), list(fh.keys()))
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        check_rotatable(model, stack)
+        rotation = residual_rotation(model.config.hidden_size, 0, head_dim(stack.layers[0]))
+        rotate_outside(model, stack, rotation)
+        for i, block in enumerate(stack.layers):
+            rotate_block(block, f"{stack.prefix}.{i}", rotation)
+        after = model(ids).logits
+    # a router left unrotated would pick other experts, a missed v slice would change the attention output
+    assert float((after - before).norm() / before.norm()) < 1e-5
 
 
 def test_explicit_hadamard_on_gemma_is_refused(family_models, calib_text, tmp_path):

@@ -126,7 +126,7 @@ def test_quantizing_with_rotation_refuses_an_unknown_norm_and_writes_nothing(tin
                                                                           monkeypatch):
     from offline import rotation
 
-    monkeypatch.setattr(rotation, "READERS", {"input_layernorm": ("self_attn.q_proj",), "no_such_norm": ()})
+    monkeypatch.setattr(rotation, "NORMS", ("input_layernorm", "no_such_norm"))
     with pytest.raises(UnsupportedModelError, match="no no_such_norm"):
         quantize(tiny_llama, tmp_path / "out", calib_text, rotate="hadamard")
     assert not any(tmp_path.iterdir())

@@ -98,10 +98,10 @@ def write_calibration_text(path: Path, n_words: int = 30000, seed: int = 7) -> P
     return path
 
 
-# transformers model types of the families built by build_family_model (beyond Llama/Qwen2); the first two have
-# Llama-style blocks (rotated by --rotate auto), the others not
+# transformers model types of the families built by build_family_model (beyond Llama/Qwen2); all but Gemma 3 (sandwich
+# norms) are rotated by --rotate auto
 FAMILIES = ("qwen3", "mistral", "gemma3_text", "phi3", "qwen3_moe", "mixtral")
-ROTATABLE_FAMILIES = ("qwen3", "mistral")
+ROTATABLE_FAMILIES = ("qwen3", "mistral", "phi3", "qwen3_moe", "mixtral")
 
 
 def build_family_model(directory: Path, family: str, seed: int = 0) -> Path:
