@@ -29,6 +29,7 @@ def summarize(report: dict, top: int = 10) -> str:
         f"(mean rank {totals['mean_rank']:.1f})",
         f"mean relative output error on calibration data: {totals['mean_rel_output_error_quantized']:.4f} (int4) "
         f"-> {totals['mean_rel_output_error_reconstructed']:.4f} (with the low-rank branch)",
+        *_structure_lines(report),
         "",
         "by projection (mean over blocks):",
         f"  {'projection':12s} {'layers':>6s} {'rank':>6s} {'int4 err':>9s} {'with LR':>8s} {'removed':>8s}",
@@ -50,6 +51,23 @@ def summarize(report: dict, top: int = 10) -> str:
         lines.append(f"  {layer['name']:40s} {shape:>11s} {layer['rank']:5d} {layer['rel_output_error_quantized']:9.4f} "
                      f"{layer['rel_output_error_reconstructed']:8.4f}  {layer['outlier_channels']}")
     return "\n".join(lines)
+
+
+def _structure_lines(report: dict) -> list[str]:
+    """Rotation, weights kept in full precision, and how MoE experts were calibrated (reports written since they
+    were added; older reports have none of it)."""
+    provenance, lines = report.get("provenance", {}), []
+    if provenance.get("rotation"):
+        lines.append(f"rotation: {provenance['rotation']['kind']}")
+    elif provenance.get("rotation_refused"):
+        lines.append(f"not rotated: {provenance['rotation_refused']}")
+    for entry in report.get("unquantized", []):
+        lines.append(f"kept in full precision: {entry['name']} {entry['shape']} ({entry['reason']})")
+    if moe := report.get("moe"):
+        starved = moe["starved_experts"]
+        lines.append(f"MoE: {len(starved)} expert(s) routed fewer than {moe['min_routed_tokens']} calibration tokens, "
+                     "calibrated on all tokens of their layer" + (f" (e.g. {starved[0]['expert']})" if starved else ""))
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

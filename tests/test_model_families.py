@@ -148,6 +148,12 @@ def test_starved_experts_are_calibrated_on_all_tokens_and_reported(family_models
     assert sum(s["routed_tokens"] for s in starved[:4]) == 4 * 64 * 2  # top-2 routing of 256 tokens in block 0
     err = capsys.readouterr().err
     assert "8 expert(s) saw fewer than 100000" in err and "kept in full precision: model.layers.*.block_sparse_moe" in err
+    from offline.report_summary import main as report_main
+
+    assert report_main([str(out)]) == 0
+    summary = capsys.readouterr().out
+    assert "MoE: 8 expert(s) routed fewer than 100000" in summary and "rotation: hadamard" in summary
+    assert "kept in full precision: model.layers.*.block_sparse_moe.gate.weight [4, 128] (MoE router" in summary
 
 
 def test_unknown_weights_in_a_block_are_refused_by_name(tiny_llama):
