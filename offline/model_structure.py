@@ -97,6 +97,24 @@ def capture_block_inputs(model: nn.Module, stack: DecoderStack, batches: list[to
     return BlockInputs(hidden, kwargs)
 
 
+class InputHooks:
+    """Call fn(group key, input tensor) for the first linear of every shared-input group while active."""
+
+    def __init__(self, block, groups: list[list[str]], fn):
+        self.block, self.groups, self.fn = block, groups, fn
+
+    def __enter__(self):
+        self.handles = [
+            self.block.get_submodule(g[0]).register_forward_pre_hook(
+                lambda _m, args, key=tuple(g): self.fn(key, args[0]))
+            for g in self.groups
+        ]
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out

@@ -23,11 +23,13 @@ from tqdm.auto import tqdm
 
 from offline import __version__
 from offline.calibration import read_texts, token_windows
+from offline.device import compute_device, to_device
+from offline.expert_calibration import moe_report, new_stats, recalibrate_starved_experts
 from offline.export import atomic_output_dir, copy_side_files, quantized_tensors, write_config, write_shards
-from offline.experts import UnfusedExperts
 from offline.fit_target import CrossStats
 from offline.layer_quant import QuantizedLinear, quantize_group
 from offline.model_structure import (
+    InputHooks,
     UnsupportedModelError,
     capture_block_inputs,
     check_block_weights,
@@ -40,7 +42,6 @@ from offline.source_model import open_source_model
 from offline.report import build_report
 from offline.rotation import check_rotatable, head_dim, residual_rotation, rotate_block, rotate_outside
 from offline.simulate import ReferenceASERLinear, set_submodule
-from offline.whitening import ActivationStats
 from vllm_aser import format as fmt
 from vllm_aser.kernels.reference import dequantize_weight
 
@@ -66,31 +67,13 @@ def _simulated(result: QuantizedLinear, opts: QuantizeOptions) -> ReferenceASERL
     return ReferenceASERLinear(weight, 1.0 / result.smooth, down, up, result.bias, opts.a_bits)
 
 
-class _InputHooks:
-    """Call fn(group key, input tensor) for the first linear of every shared-input group while active."""
-
-    def __init__(self, block, groups: list[list[str]], fn):
-        self.block, self.groups, self.fn = block, groups, fn
-
-    def __enter__(self):
-        self.handles = [
-            self.block.get_submodule(g[0]).register_forward_pre_hook(
-                lambda _m, args, key=tuple(g): self.fn(key, args[0]))
-            for g in self.groups
-        ]
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
-
-
 def quantize_block(
     block, block_prefix, inputs, opts, fp_inputs=None
 ) -> tuple[list[QuantizedLinear], list[torch.Tensor], list[torch.Tensor] | None]:
     """Quantize one decoder block; return its results, the block's outputs (the next block's inputs) and, with
     `fp_inputs` (the full-precision model's stream, for --fit-target model), the full-precision outputs."""
     groups = shared_input_groups(block, *inputs[0])
-    stats = {tuple(g): _new_stats(block, g) for g in groups}
+    stats = {tuple(g): new_stats(block, g) for g in groups}
     cross = {key: CrossStats(s.gram.shape[0]) for key, s in stats.items()} if fp_inputs is not None else {}
     captured: dict[tuple, torch.Tensor] = {}
 
@@ -103,11 +86,11 @@ def quantize_block(
     with torch.no_grad():
         for i, (hidden, kwargs) in enumerate(inputs):
             if fp_inputs is not None:
-                with _InputHooks(block, groups, captured.__setitem__):
+                with InputHooks(block, groups, captured.__setitem__):
                     fp_outputs.append(run_block(block, fp_inputs[i][0], kwargs))
-            with _InputHooks(block, groups, record):
+            with InputHooks(block, groups, record):
                 outputs.append(run_block(block, hidden, kwargs))
-        starved = _recalibrate_starved_experts(block, block_prefix, stats, inputs, opts)
+        starved = recalibrate_starved_experts(block, block_prefix, stats, inputs, opts)
         for entry in starved:
             for key in entry.pop("groups"):
                 cross.pop(key, None)  # starved experts fit their own outputs on all tokens
@@ -121,77 +104,6 @@ def quantize_block(
                 set_submodule(block, name, _simulated(result, opts))
             outputs = [run_block(block, hidden, kwargs) for hidden, kwargs in inputs]
     return results, outputs, fp_outputs, starved
-
-
-def _new_stats(block, group: list[str]) -> ActivationStats:
-    return ActivationStats(block.get_submodule(group[0]).in_features)
-
-
-def _recalibrate_starved_experts(block, block_prefix: str, stats: dict, inputs, opts: QuantizeOptions) -> list[dict]:
-    """Experts routed fewer calibration tokens than `opts.moe_min_tokens` (default: their input width, below
-    which their Gram matrix is singular) are calibrated again on every token that enters their MoE layer, as
-    if routed to them. Returns one report entry per such expert."""
-    starved, keys = [], []
-    for name, experts in block.named_modules():
-        if not isinstance(experts, UnfusedExperts):
-            continue
-        groups = experts.groups(name)
-        for e in range(experts.num_experts):
-            gate_up, down = tuple(groups[2 * e]), tuple(groups[2 * e + 1])
-            routed, needed = stats[gate_up].tokens, opts.moe_min_tokens or stats[gate_up].gram.shape[0]
-            if routed < needed:
-                experts.calibrate_on_all.add(e)
-                keys += [gate_up, down]
-                starved.append({"expert": f"{block_prefix}.{name}.{e}", "routed_tokens": routed,
-                                "groups": (gate_up, down)})
-    if not starved:
-        return []
-    for key in keys:
-        stats[key] = _new_stats(block, list(key))
-    try:
-        with _InputHooks(block, [list(k) for k in keys], lambda key, x: stats[key].update(x)):
-            for hidden, kwargs in inputs:
-                run_block(block, hidden, kwargs)
-    finally:
-        for experts in block.modules():
-            if isinstance(experts, UnfusedExperts):
-                experts.calibrate_on_all.clear()
-    return starved
-
-
-def moe_report(source, starved: list[dict], opts: QuantizeOptions) -> dict | None:
-    """How the experts were calibrated: each from its routed tokens, except the starved ones listed."""
-    if not source.unfused_experts:
-        return None
-    return {
-        "expert_collections_per_block": [source.checkpoint_name(f"{source.stack.prefix}.*.{n}")
-                                         for n in source.unfused_experts],
-        "min_routed_tokens": opts.moe_min_tokens or "input width",
-        "rule": "an expert routed fewer calibration tokens than min_routed_tokens is calibrated on every token "
-                "entering its MoE layer, as if routed to it",
-        "starved_experts": starved,
-    }
-
-
-def compute_device(name: str) -> torch.device:
-    """Where blocks are calibrated and quantized: --device auto takes the GPU when torch sees one."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False; a CPU-only "
-                         "torch build, or no driver); use --device cpu")
-    return torch.device(name)
-
-
-def to_device(value, device: torch.device):
-    """Block keyword arguments (masks, rotary cos/sin, nested in tuples or dicts) on the compute device."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(to_device(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
-    return value
 
 
 def unquantized_tensors(

@@ -190,3 +190,8 @@ def test_moe_tensor_parallel_2_matches_tp1(family_artifacts, cpu_env):
     from test_vllm_engine import assert_tp2_matches_tp1
 
     assert_tp2_matches_tp1(family_artifacts["qwen3_moe"], cpu_env)
+
+
+def test_moe_min_tokens_zero_keeps_every_expert_on_its_routed_tokens(family_models, calib_text, tmp_path):
+    out = quantize(family_models["mixtral"], tmp_path / "out", calib_text, rank=8, moe_min_tokens=0)
+    assert _report(out)["moe"]["starved_experts"] == [] and _report(out)["moe"]["min_routed_tokens"] == 0

@@ -14,6 +14,7 @@ not supported.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -62,6 +63,8 @@ class ASERMoEMethod(FusedMoEMethodBase):
         super().__init__(moe)
         self.spec, self.prefix = spec, prefix
         self.kernel = select_kernel()
+        if self.kernel.name == "cuda":
+            _warn_cuda_once()
 
     def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
                        **extra_weight_attrs):
@@ -195,6 +198,15 @@ class ASERMoEMethod(FusedMoEMethodBase):
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
         return torch.ops.vllm_aser.moe_experts(x, topk_weights, topk_ids, self.prefix)
+
+
+@functools.cache
+def _warn_cuda_once() -> None:
+    from vllm.logger import init_logger
+
+    init_logger("vllm.aser").warning(
+        "ASER MoE layers run expert by expert, with a host sync per step to count each expert's tokens: CUDA graph "
+        "capture cannot record that, so serve ASER MoE models on a GPU with --enforce-eager (never run on a GPU yet)")
 
 
 def _moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str) -> torch.Tensor:
