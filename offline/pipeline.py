@@ -10,6 +10,7 @@ the embeddings and head are rotated before calibration and each block as it is m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
@@ -201,7 +202,8 @@ def quantize_model(
         kwargs = [to_device(kw, device) for kw in captured.kwargs[index]]
         inputs = list(zip(hidden, kwargs))
         fp_inputs = None if fp_hidden is None else list(zip(fp_hidden, kwargs))
-        with torch.device(device):  # tensors the quantizer creates land beside the block
+        # tensors the quantizer creates land beside the block (the context intercepts every torch call: GPU only)
+        with torch.device(device) if device.type != "cpu" else contextlib.nullcontext():
             block_results, hidden, fp_hidden, block_starved = quantize_block(block, prefix, inputs, opts, fp_inputs)
         results.extend(r.to("cpu") for r in block_results)
         starved.extend(block_starved)
