@@ -61,6 +61,10 @@ class _KwargsRecorder(nn.Module):
         return hidden
 
 
+class _StopForward(Exception):
+    """Raised after the last block's arguments are recorded: the final norm and the head need not run."""
+
+
 @dataclass
 class BlockInputs:
     hidden: list[torch.Tensor]  # the first block's input, one tensor per calibration batch
@@ -81,6 +85,8 @@ def capture_block_inputs(model: nn.Module, stack: DecoderStack, batches: list[to
             if index == 0:
                 hidden.append(h.detach())
             kwargs[index].append({k: v for k, v in kw.items() if k != "hidden_states"})
+            if index == len(stack.layers) - 1:
+                raise _StopForward
         return record
 
     parent_name, _, child = stack.prefix.rpartition(".")
@@ -89,7 +95,10 @@ def capture_block_inputs(model: nn.Module, stack: DecoderStack, batches: list[to
     try:
         with torch.no_grad():
             for batch in batches:
-                model(input_ids=batch, use_cache=False)
+                try:
+                    model(input_ids=batch, use_cache=False)
+                except _StopForward:
+                    pass
     finally:
         setattr(parent, child, stack.layers)
     if len(hidden) != len(batches) or any(len(k) != len(batches) for k in kwargs):
