@@ -14,15 +14,21 @@ CONFIG = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, nu
 
 def build_random_llama(target: Path, tokenizer_source: Path, seed: int = 0) -> Path:
     """Written once (bf16 safetensors, ~2.4 GB) and reused."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return save_random_model(target, tokenizer_source, lambda tok: LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **CONFIG)), seed)
+
+
+def save_random_model(target: Path, tokenizer_source: Path, make_model, seed: int = 0) -> Path:
+    """make_model(tokenizer) under a fixed seed, saved in bf16 with the tokenizer; written once, atomically."""
     if (target / "config.json").exists():
         return target
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, **CONFIG)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = make_model(tokenizer).to(torch.bfloat16)
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)

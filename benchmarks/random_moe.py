@@ -4,10 +4,10 @@ width 384) around a 1024-wide residual stream, about 0.37B parameters of which 0
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
+from random_llama import save_random_model  # benchmarks/ is on sys.path
 
 CONFIG = dict(hidden_size=1024, intermediate_size=3072, moe_intermediate_size=384, num_experts=32,
               num_experts_per_tok=8, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
@@ -17,23 +17,16 @@ CONFIG = dict(hidden_size=1024, intermediate_size=3072, moe_intermediate_size=38
 
 def build_random_qwen3_moe(target: Path, tokenizer_source: Path, seed: int = 0) -> Path:
     """Written once (bf16 safetensors, ~0.75 GB) and reused."""
-    if (target / "config.json").exists():
-        return target
-    from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    config = Qwen3MoeConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                            eos_token_id=tokenizer.eos_token_id, **CONFIG)
-    torch.manual_seed(seed)
-    model = Qwen3MoeForCausalLM(config)
-    with torch.no_grad():  # transformers leaves fused expert parameters uninitialized outside from_pretrained
-        for name, param in model.named_parameters():
-            if "experts" in name:
-                param.normal_(0.0, config.initializer_range)
-    model = model.to(torch.bfloat16)
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.rename(target)
-    return target
+    def make_model(tokenizer):
+        config = Qwen3MoeConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                eos_token_id=tokenizer.eos_token_id, **CONFIG)
+        model = Qwen3MoeForCausalLM(config)
+        with torch.no_grad():  # transformers leaves fused expert parameters uninitialized outside from_pretrained
+            for name, param in model.named_parameters():
+                if "experts" in name:
+                    param.normal_(0.0, config.initializer_range)
+        return model
+
+    return save_random_model(target, tokenizer_source, make_model, seed)
