@@ -128,6 +128,66 @@ def test_cuda_kernel_glue_matches_reference_kernel(tk, group):
     assert rel_err(outputs[0], outputs[1]) < (2e-3 if ON_CUDA else 1e-5)  # CUDA: float32 dots run as TF32
 
 
+@pytest.mark.parametrize("m", [1, 7, 33])
+@pytest.mark.parametrize("n,rank,splits,bias", [(40, 8, 1, True), (104, 24, 3, False), (72, 0, 0, True)])
+def test_lowrank_up_add_in_place(tk, m, n, rank, splits, bias):
+    g = torch.Generator().manual_seed(m * n)
+    out = torch.randn(m, n, generator=g).to(torch.float16)
+    t = torch.randn(splits, m, rank, generator=g) if rank else None
+    up_t = (torch.randn(rank, n, generator=g) * 0.1).to(torch.float16) if rank else None
+    b = torch.randn(n, generator=g).to(torch.float16) if bias else None
+    expected = out.float() + (t.sum(0) @ up_t.float() if rank else 0) + (b.float() if bias else 0)
+    result = tk.lowrank_up_add_(*to_dev(out, t, up_t, b))
+    assert rel_err(result, expected) < 2e-3  # fp16 output
+
+
+@pytest.mark.parametrize("m", [1, 7, 33])
+@pytest.mark.parametrize("group,bias", [(-1, True), (128, False), (64, True)])
+def test_cuda_kernel_marlin_path_matches_reference_kernel(monkeypatch, m, group, bias):
+    """The plugin's `cuda` kernel on its Marlin path (ASER's Triton kernels around vLLM's Marlin GEMM, here
+    emulated by tests/marlin_fakes.py off the GPU) against its `reference` kernel."""
+    from torch import nn
+
+    import marlin_fakes
+    from vllm_aser.kernels.select import CUDAKernel, ReferenceKernel
+
+    if not ON_CUDA:
+        marlin_fakes.install(monkeypatch)
+    q, scale, inv_smooth, down, up, b = random_layer(128, 256, 16, group, torch.float16, seed=m)
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).to(torch.float16)
+    outputs = []
+    for kernel in (CUDAKernel(), ReferenceKernel()):
+        layer = nn.Module()
+        layer.aser_act_dtype, layer.aser_out_features, layer.aser_act_bits = torch.float16, 128, 8
+        if bias:
+            layer.bias = nn.Parameter(b.to(DEVICE), requires_grad=False)
+        kernel.prepare(layer, *to_dev(q, scale.half(), inv_smooth, down, up), group)
+        outputs.append(kernel.apply(layer, *to_dev(x, b if bias else None)).cpu())
+        if isinstance(kernel, CUDAKernel):
+            assert layer.aser_cuda_path == "marlin"
+            assert (layer.aser_marlin_bias is not None) == bias  # the layer's bias goes to Marlin's epilogue
+    assert rel_err(outputs[0], outputs[1]) < 3e-3  # fp16 scales and output
+
+
+def test_cuda_kernel_falls_back_to_triton_per_layer(monkeypatch, caplog):
+    """A shape Marlin's tiles do not fit runs on ASER's Triton GEMM, and the log says why."""
+    from torch import nn
+
+    import marlin_fakes
+    from vllm_aser.kernels import select
+
+    if not ON_CUDA:
+        marlin_fakes.install(monkeypatch)
+    select._log_path_once.cache_clear()
+    q, scale, inv_smooth, down, up, _ = random_layer(72, 96, 8, -1, torch.float16, seed=1)
+    layer = nn.Module()
+    layer.aser_act_dtype, layer.aser_out_features, layer.aser_act_bits = torch.float16, 72, 8
+    with caplog.at_level("INFO", logger="vllm.aser"):
+        select.CUDAKernel().prepare(layer, *to_dev(q, scale, inv_smooth, down, up), -1)
+    assert layer.aser_cuda_path == "triton"
+    assert "triton path for some layers (Marlin cannot run it: N x K = 72 x 96" in caplog.text
+
+
 def test_gpu_benchmark_script_runs(tmp_path):
     """benchmarks/gpu_kernels.py end to end on tiny shapes (timings meaningless here; the checks are not)."""
     import json

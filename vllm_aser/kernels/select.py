@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import vllm_aser.kernels.torch_ops  # noqa: F401  (registers the custom ops the kernels call)
-from vllm_aser.kernels import cpu_w4a8
+from vllm_aser.kernels import cpu_w4a8, marlin_w4a8
 from vllm_aser.kernels.reference import dequantize_weight
 
 ENV_VAR = "VLLM_ASER_KERNEL"
@@ -55,7 +55,7 @@ class CPUKernel:
             for name in ("weight", "scale", "down", "up", "bias"):
                 _keep(layer, f"aser_native_{name}", getattr(packed, name))
             _keep(layer, "aser_inv_smooth", None if is_identity else inv_smooth.float().contiguous())
-            _log_path_once("native", cpu_w4a8.cpu_isa()[1])
+            _log_path_once("cpu", "native", cpu_w4a8.cpu_isa()[1])
             return
         qmax = int8_weight_max()
         if group_size == -1 and int(q.abs().max()) <= qmax:
@@ -66,7 +66,7 @@ class CPUKernel:
             weight = torch.round(dequant / channel_scale).clamp(-qmax, qmax).to(torch.int8)
         amx = _amx_int8_available(*weight.shape, act_dtype, layer.aser_act_bits)
         layer.aser_cpu_path = "amx" if amx else "onednn"
-        _log_path_once(layer.aser_cpu_path, f"the native W4A8 kernel cannot run it: {reason}")
+        _log_path_once("cpu", layer.aser_cpu_path, f"the native W4A8 kernel cannot run it: {reason}")
         if amx:
             _keep(layer, "aser_weight_packed", torch.ops._C.convert_weight_packed(weight.contiguous()))
             _keep(layer, "aser_weight_scale", channel_scale.reshape(-1).contiguous())
@@ -131,11 +131,11 @@ def _native_why_not(layer, q, down, up, group_size: int) -> str | None:
 
 
 @functools.cache
-def _log_path_once(path: str, reason: str) -> None:
+def _log_path_once(kernel: str, path: str, reason: str) -> None:
     """One line per distinct (path, reason): the chain's choice is per layer, the log is not."""
     from vllm.logger import init_logger
 
-    init_logger("vllm.aser").info("ASER cpu kernel: %s path for some layers (%s)", path, reason)
+    init_logger("vllm.aser").info("ASER %s kernel: %s path for some layers (%s)", kernel, path, reason)
 
 
 def _amx_int8_available(n: int, k: int, act_dtype: torch.dtype, act_bits: int) -> bool:
@@ -155,30 +155,54 @@ def _amx_int8_available(n: int, k: int, act_dtype: torch.dtype, act_bits: int) -
 
 class CUDAKernel:
     name = "cuda"
-    description = "Triton: fused smoothing + per-token int8 + low-rank down, int8 x packed-int4 GEMM with fused epilogue"
+    description = ("per layer: vLLM's Marlin W4A8 GEMM (int8 activations) between ASER's Triton smoothing/low-rank "
+                   "kernels where Marlin can run the layer, else ASER's Triton int8 x packed-int4 GEMM")
 
     def prepare(self, layer, q, scale, inv_smooth, down, up, group_size: int) -> None:
         name = getattr(layer, "aser_name", "an ASER layer")
         if (bits := getattr(layer, "aser_weight_bits", 4)) != 4:
             raise ValueError(f"{name}: the cuda kernel runs int4 weights only, this artifact has {bits}-bit weights: "
                              f"set {ENV_VAR}=reference, or re-quantize with --w-bits 4")
+        act_dtype = layer.aser_act_dtype
+        is_identity = bool(torch.all(inv_smooth == 1))
+        _keep(layer, "aser_inv_smooth", None if is_identity else inv_smooth.float().contiguous())
+        _keep(layer, "aser_down", None if down is None else down.to(act_dtype).contiguous())
+        _keep(layer, "aser_up_t", None if up is None else up.t().to(act_dtype).contiguous())
+        reason = marlin_w4a8.why_not(bits, layer.aser_act_bits, *q.shape, group_size, act_dtype,
+                                     marlin_w4a8.cuda_capability(q.device), marlin_w4a8.have_marlin_ops())
+        if reason is None:
+            weights = marlin_w4a8.prepare(q, scale, group_size, act_dtype)
+            layer.aser_cuda_path = "marlin"
+            layer.aser_marlin_k_full = weights.is_k_full
+            for field in ("qweight", "scales", "zeros", "g_idx", "perm", "workspace", "global_scale"):
+                _keep(layer, f"aser_marlin_{field}", getattr(weights, field))
+            own_bias = getattr(layer, "bias", None)
+            _keep(layer, "aser_marlin_bias", None if own_bias is None else marlin_w4a8.permute_bias(own_bias.data))
+            _log_path_once("cuda", "marlin", "vLLM's Marlin W4A8 GEMM")
+            return
         from vllm_aser.kernels.triton_w4a8 import UNIT, pack_int4_kn
 
         if group_size != -1 and group_size % UNIT:
             raise ValueError(f"{name}: the cuda kernel needs a weight group size that is a multiple of {UNIT} (this "
                              f"model has {group_size}): re-quantize with --group-size 128, or set {ENV_VAR}=reference")
         weight = pack_int4_kn(q, scale, group_size)
-        act_dtype = layer.aser_act_dtype
+        layer.aser_cuda_path = "triton"
         layer.aser_group = weight.group_size
         layer.aser_in_features = weight.in_features
         _keep(layer, "aser_packed", weight.packed)
         _keep(layer, "aser_scale", weight.scale)
-        is_identity = bool(torch.all(inv_smooth == 1))
-        _keep(layer, "aser_inv_smooth", None if is_identity else inv_smooth.float().contiguous())
-        _keep(layer, "aser_down", None if down is None else down.to(act_dtype).contiguous())
-        _keep(layer, "aser_up_t", None if up is None else up.t().to(act_dtype).contiguous())
+        _log_path_once("cuda", "triton", f"Marlin cannot run it: {reason}")
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if layer.aser_cuda_path == "marlin":
+            fused_bias = bias is not None and layer.aser_marlin_bias is not None
+            return torch.ops.vllm_aser.cuda_marlin_linear(
+                x, layer.aser_marlin_qweight, layer.aser_marlin_scales, layer.aser_marlin_zeros,
+                layer.aser_marlin_g_idx, layer.aser_marlin_perm, layer.aser_marlin_workspace,
+                layer.aser_marlin_global_scale, layer.aser_marlin_bias if fused_bias else None, layer.aser_inv_smooth,
+                layer.aser_down, layer.aser_up_t, None if fused_bias else bias, layer.aser_out_features,
+                layer.aser_act_bits, layer.aser_marlin_k_full,
+            )
         return torch.ops.vllm_aser.cuda_linear(
             x, layer.aser_packed, layer.aser_scale, layer.aser_inv_smooth, layer.aser_down, layer.aser_up_t, bias,
             layer.aser_group, layer.aser_in_features, layer.aser_out_features, layer.aser_act_bits,

@@ -140,7 +140,44 @@ def _cuda_fake(x, packed, scale, inv_smooth, down, up_t, bias, group_size, in_fe
     return _out_like(x, out_features)
 
 
+def cuda_marlin_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    g_idx: torch.Tensor | None,
+    perm: torch.Tensor | None,
+    workspace: torch.Tensor,
+    global_scale: torch.Tensor | None,
+    marlin_bias: torch.Tensor | None,
+    inv_smooth: torch.Tensor | None,
+    down: torch.Tensor | None,
+    up_t: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_features: int,
+    act_bits: int,
+    is_k_full: bool,
+) -> torch.Tensor:
+    """ASER's Triton kernel (smoothing, int8 codes, low-rank down) -> vLLM's Marlin W4A8 GEMM (`marlin_bias`:
+    the layer's own bias, pre-permuted, in its epilogue) -> low-rank up added in place (with `bias`, any other)."""
+    from vllm_aser.kernels import marlin_w4a8
+    from vllm_aser.kernels.triton_w4a8 import lowrank_up_add_, smooth_quant_lowrank
+
+    shape = x.shape
+    xq, xs, t = smooth_quant_lowrank(x.reshape(-1, shape[-1]), inv_smooth, down, act_bits)
+    out = marlin_w4a8.gemm(xq, xs, qweight, scales, zeros, g_idx, perm, workspace, global_scale, marlin_bias,
+                           out_features, is_k_full)
+    lowrank_up_add_(out, t, up_t, bias)
+    return out.reshape(*shape[:-1], out_features)
+
+
+def _cuda_marlin_fake(x, qweight, scales, zeros, g_idx, perm, workspace, global_scale, marlin_bias, inv_smooth, down,
+                      up_t, bias, out_features, act_bits, is_k_full):
+    return _out_like(x, out_features)
+
+
 direct_register_custom_op("reference_linear", reference_linear, [], _reference_fake, target_lib=_LIB)
 direct_register_custom_op("cpu_linear", cpu_linear, [], _cpu_fake, target_lib=_LIB)
 direct_register_custom_op("cpu_amx_linear", cpu_amx_linear, [], _cpu_amx_fake, target_lib=_LIB)
 direct_register_custom_op("cuda_linear", cuda_linear, [], _cuda_fake, target_lib=_LIB)
+direct_register_custom_op("cuda_marlin_linear", cuda_marlin_linear, [], _cuda_marlin_fake, target_lib=_LIB)

@@ -164,6 +164,36 @@ def _w4a8_gemm_kernel(
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
+@triton.jit
+def _lowrank_up_add_kernel(
+    out_ptr, t_ptr, up_ptr, bias_ptr,
+    M, N, R, T_SPLITS,
+    stride_om, stride_ts, stride_tm, stride_ur,
+    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # out[m, n] += (sum over s of t[s, m, :]) @ up_t[:, n] (+ bias[n]), in place: the low-rank branch after a
+    # GEMM that cannot take it in its epilogue (Marlin)
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R)
+    t = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for s in range(0, T_SPLITS):
+        t += tl.load(t_ptr + s * stride_ts + rm[:, None] * stride_tm + rr[None, :],
+                     mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+    up = tl.load(up_ptr + rr[:, None] * stride_ur + rn[None, :], mask=(rr[:, None] < R) & (rn[None, :] < N),
+                 other=0.0)
+    if DOT_F32:
+        acc = tl.dot(t, up.to(tl.float32))
+    else:
+        acc = tl.dot(t.to(up.dtype), up)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    out = tl.load(out_ptr + rm[:, None] * stride_om + rn[None, :], mask=mask, other=0.0).to(tl.float32) + acc
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def _gemm_configs() -> list[triton.Config]:
     configs = []
     for bm, bn, bk, warps, stages in [
@@ -294,6 +324,24 @@ def w4a8_gemm(
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _w4a8_gemm_tuned[grid](*args, **flags)
     return c
+
+
+def lowrank_up_add_(out: torch.Tensor, t: torch.Tensor | None, up_t: torch.Tensor | None,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """out [M, N] += (sum over S of t [S, M, R]) @ up_t [R, N] (+ bias), in place, one launch."""
+    m, n = out.shape
+    r = 0 if t is None else t.shape[2]
+    if not r and bias is None:
+        return out
+    block_n = 32 if INTERPRET else 128
+    _lowrank_up_add_kernel[(triton.cdiv(m, 16), triton.cdiv(n, block_n))](
+        out, t if r else out, up_t if r else out, bias if bias is not None else out,
+        m, n, r, t.shape[0] if r else 0,
+        out.stride(0), t.stride(0) if r else 0, t.stride(1) if r else 0, up_t.stride(0) if r else 0,
+        HAS_BIAS=bias is not None, DOT_F32=INTERPRET, BLOCK_M=16, BLOCK_N=block_n, BLOCK_R=_pow2(r),
+        num_warps=4,
+    )
+    return out
 
 
 def aser_linear_triton(
