@@ -7,7 +7,12 @@ rotated through more memory than the L2 cache holds):
   w8a8      torch._int_mm on int8 activations (already quantized) and int8 weights, then per-token x per-channel
             scaling to FP16 (M padded to 17 where _int_mm needs M > 16)
   w4a8      the ASER kernel pair without the low-rank branch (activation quantization included)
-  aser      the ASER kernel pair with a rank-64 low-rank branch (what a served ASER layer runs)
+  aser      the ASER kernel pair with a rank-64 low-rank branch (ASER's own GEMM: the fallback path)
+and, where vLLM's CUDA build is importable (`--vllm auto`, the default), vLLM's own kernels:
+  w8a8_cutlass   vLLM's W8A8: scaled_int8_quant + cutlass_scaled_mm (per-token x per-channel)
+  marlin_w4a8    vLLM's Marlin W4A8 (int8 activations): per_token_quant_int8 + marlin_gemm
+  aser_marlin    what a served ASER layer runs where Marlin takes it: ASER's Triton smoothing / int8 / low-rank
+                 down kernel, Marlin's GEMM, the low-rank up added in place (rank 64)
 and prints times, ratios to fp16, achieved TB/s and TOP/s against the device's measured copy bandwidth and FP16
 matmul rate. Writes JSON and CSV (and a PNG when matplotlib is installed; `--plot FILE.json` draws it later).
 
@@ -35,10 +40,11 @@ SHAPES = {  # name -> (N, K) of y = x W^T
     "llama3-8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
     "llama3-70b-tp8": {"qkv": (1280, 8192), "o": (8192, 1024), "gate_up": (7168, 8192), "down": (8192, 3584)},
 }
-SMOKE_SHAPES = {"smoke": {"a": (40, 72), "b": (96, 136)}}
+SMOKE_SHAPES = {"smoke": {"a": (40, 72), "b": (96, 136), "c": (128, 256)}}  # c: fits Marlin's tiles
 MS = (1, 16, 64, 256, 1024, 4096)
 RANK = 64
 METHODS = ("fp16", "w8a8", "w4a8", "aser")
+VLLM_METHODS = ("w8a8_cutlass", "marlin_w4a8", "aser_marlin")
 PARTS = ("aser_quant", "aser_gemm")  # the two kernels of `aser`, timed alone
 L2_FLUSH_BYTES = 256 << 20  # rotate through at least this much memory per method (H100 L2: 50 MB)
 
@@ -118,8 +124,23 @@ def copies_for(nbytes: int, smoke: bool) -> int:
     return 1 if smoke else max(2, min(16, math.ceil(L2_FLUSH_BYTES / max(nbytes, 1))))
 
 
+def vllm_why_not(device: str) -> str | None:
+    """None when vLLM's W8A8 and Marlin ops can be timed here."""
+    try:
+        from vllm_aser.kernels import marlin_w4a8
+    except ImportError as e:
+        return f"vLLM is not importable ({e})"
+    if not marlin_w4a8.have_marlin_ops() or not hasattr(torch.ops._C, "cutlass_scaled_mm"):
+        return "this vLLM build has no CUDA Marlin / CUTLASS ops"
+    if device != "cuda":
+        return "no CUDA device"
+    return None
+
+
 def bench_shape(n: int, k: int, m: int, device: str, smoke: bool, warmup: int, iters: int,
-                graphs: bool) -> dict:
+                graphs: bool, methods: tuple[str, ...] = METHODS) -> dict:
+    if n % 64 or k % 128:  # vLLM's rows need Marlin's (and CUTLASS's) tiles
+        methods = tuple(m for m in methods if m not in VLLM_METHODS)
     g = torch.Generator(device="cpu").manual_seed(m * 7 + n + k)
     dtype = torch.float16 if device == "cuda" else torch.float32
     q = torch.randint(-7, 8, (n, k), dtype=torch.int8, generator=g)
@@ -141,8 +162,38 @@ def bench_shape(n: int, k: int, m: int, device: str, smoke: bool, warmup: int, i
     xq8 = [torch.randint(-127, 127, (m_mm, k), dtype=torch.int8, generator=g).to(device) for _ in range(4)]
     a_scale = torch.rand(m_mm, 1, generator=g).to(device)
 
+    if "marlin_w4a8" in methods:
+        from vllm import _custom_ops as ops
+        from vllm.model_executor.layers.quantization.utils import int8_utils
+
+        import vllm_aser.kernels.torch_ops  # noqa: F401  (registers torch.ops.vllm_aser.cuda_marlin_linear)
+        from vllm_aser.kernels import marlin_w4a8
+
+        marlin_ws = [marlin_w4a8.prepare(q.to(device), scale.to(device), -1, dtype)
+                     for _ in range(copies_for(n * k // 2, smoke))]
+        w_scale_col = scale.reshape(n, 1).float().to(device)
+
+    def marlin_call(mw, x, with_aser: bool):
+        if with_aser:
+            return torch.ops.vllm_aser.cuda_marlin_linear(
+                x, mw.qweight, mw.scales, mw.zeros, mw.g_idx, mw.perm, mw.workspace, mw.global_scale, None,
+                inv_smooth, down, up_t, None, n, 8, mw.is_k_full)
+        xq, xsc = int8_utils.per_token_quant_int8(x)
+        return marlin_w4a8.gemm(xq, xsc, mw.qweight, mw.scales, mw.zeros, mw.g_idx, mw.perm, mw.workspace, None,
+                                None, n, mw.is_k_full)
+
     def make(method: str, i: int):
         x = xs[i % len(xs)]
+        if method == "w8a8_cutlass":
+            w = i8_ws[i % len(i8_ws)]
+
+            def run():
+                xq, xsc, _ = ops.scaled_int8_quant(x)
+                return ops.cutlass_scaled_mm(xq, w, xsc, w_scale_col, dtype)
+            return run
+        if method in ("marlin_w4a8", "aser_marlin"):
+            mw = marlin_ws[i % len(marlin_ws)]
+            return lambda: marlin_call(mw, x, method == "aser_marlin")
         if method == "fp16":
             w = fp_ws[i % len(fp_ws)]
             return lambda: torch.nn.functional.linear(x, w)
@@ -162,7 +213,7 @@ def bench_shape(n: int, k: int, m: int, device: str, smoke: bool, warmup: int, i
     parts = [tk.smooth_quant_lowrank(x, inv_smooth, down) for x in xs]
     row = {"n": n, "k": k, "m": m, "rank": rank}
     count = max(len(weights), len(fp_ws), len(i8_ws), len(xs))
-    for method in METHODS + PARTS:
+    for method in methods + PARTS:
         row[f"{method}_us"] = time_calls([make(method, i) for i in range(count)], device, warmup, iters, graphs)
     # correctness of the timed kernel on this shape (against a dequantized torch computation)
     x = xs[0]
@@ -170,10 +221,15 @@ def bench_shape(n: int, k: int, m: int, device: str, smoke: bool, warmup: int, i
            + ((x.float() * inv_smooth) @ down.float().t()) @ up_t.float())
     out = tk.aser_linear_triton(x, weights[0], inv_smooth, down, up_t, None).float()
     row["aser_rel_err_vs_unquantized_act"] = float((out - ref).norm() / ref.norm())
+    if "aser_marlin" in methods:
+        out = marlin_call(marlin_ws[0], x, True).float()
+        row["aser_marlin_rel_err_vs_unquantized_act"] = float((out - ref).norm() / ref.norm())
     # bytes that must move at least once: weights (+ low-rank factors), activations in and out
     act = m * k * x.element_size() + m * n * x.element_size()
     row["bytes"] = {"fp16": n * k * 2 + act, "w8a8": n * k + act, "w4a8": n * k // 2 + act,
                     "aser": n * k // 2 + (n + k) * rank * 2 + act}
+    row["bytes"] |= {"w8a8_cutlass": row["bytes"]["w8a8"], "marlin_w4a8": row["bytes"]["w4a8"],
+                     "aser_marlin": row["bytes"]["aser"]}
     row["ops"] = 2 * m * n * k
     return row
 
@@ -200,10 +256,10 @@ def compiled_report() -> list[dict]:
     return report
 
 
-def summarize(rows: list[dict], peaks: dict) -> list[dict]:
+def summarize(rows: list[dict], peaks: dict, methods: tuple[str, ...] = METHODS) -> list[dict]:
     flat = []
     for r in rows:
-        for method in METHODS:
+        for method in [m for m in methods if f"{m}_us" in r]:
             us = r[f"{method}_us"]
             tbps = r["bytes"][method] / us / 1e6
             flat.append({
@@ -211,12 +267,18 @@ def summarize(rows: list[dict], peaks: dict) -> list[dict]:
                 "us": round(us, 2), "speedup_vs_fp16": round(r["fp16_us"] / us, 3),
                 "tbps": round(tbps, 3), "tops": round(r["ops"] / us / 1e6, 2),
                 "pct_copy_bw": round(100 * tbps * 1e3 / peaks["copy_gbps"], 1) if peaks["copy_gbps"] == peaks["copy_gbps"] else None,
-                "lowrank_overhead_pct": round(100 * (r["aser_us"] / r["w4a8_us"] - 1), 1) if method == "aser" else None,
-                "rel_err": round(r["aser_rel_err_vs_unquantized_act"], 5) if method == "aser" else None,
+                "lowrank_overhead_pct": _overhead(r, method),
+                "rel_err": round(r[f"{method}_rel_err_vs_unquantized_act"], 5) if method.startswith("aser") else None,
                 "quant_us": round(r["aser_quant_us"], 2) if method == "aser" else None,
                 "gemm_us": round(r["aser_gemm_us"], 2) if method == "aser" else None,
             })
     return flat
+
+
+def _overhead(r: dict, method: str) -> float | None:
+    """ASER's smoothing + low-rank cost over the same GEMM without them (Marlin: over vLLM's own W4A8 path)."""
+    base = {"aser": "w4a8_us", "aser_marlin": "marlin_w4a8_us"}.get(method)
+    return round(100 * (r[f"{method}_us"] / r[base] - 1), 1) if base else None
 
 
 def plot(json_path: Path) -> Path:
@@ -230,7 +292,7 @@ def plot(json_path: Path) -> Path:
     models = sorted({r["model"] for r in flat})
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), dpi=120, squeeze=False)
     for ax, model in zip(axes[0], models):
-        for method in ("w8a8", "w4a8", "aser"):
+        for method in [m for m in METHODS + VLLM_METHODS if m != "fp16" and any(r["method"] == m for r in flat)]:
             pts = {}
             for r in flat:
                 if r["model"] == model and r["method"] == method:
@@ -260,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--eager", action="store_true", help="time plain launches instead of CUDA-graph replays")
     p.add_argument("--plot", type=Path, help="only draw the PNG of an existing JSON")
+    p.add_argument("--vllm", choices=("auto", "on", "off"), default="auto",
+                   help="also time vLLM's CUTLASS W8A8, Marlin W4A8 and ASER on Marlin (auto: when importable)")
     args = p.parse_args(argv)
     if args.plot:
         print(f"wrote {plot(args.plot)}")
@@ -271,26 +335,36 @@ def main(argv: list[str] | None = None) -> int:
     shapes = SMOKE_SHAPES if args.smoke else {m: SHAPES[m] for m in args.models}
     ms = (1, 7, 33) if args.smoke else args.ms
     warmup, iters = (1, 2) if args.smoke else (10, args.iters)
+    reason = vllm_why_not(device) if args.vllm != "off" else "--vllm off"
+    if args.vllm == "on" and reason:
+        print(f"gpu_kernels: --vllm on, but {reason}", file=sys.stderr)
+        return 2
+    methods = METHODS + (() if reason and args.vllm != "on" else VLLM_METHODS)
+    if reason:
+        print(f"vLLM rows skipped: {reason}")
     peaks = device_peaks(device)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreted smoke run)"
     print(f"device: {name}; copy {peaks['copy_gbps']:.0f} GB/s, FP16 matmul {peaks['fp16_tflops']:.0f} TFLOP/s, "
           f"int8 _int_mm {peaks['int8_tops']:.0f} TOP/s", flush=True)
     rows = []
-    print(f"{'model':15s} {'layer':8s} {'N':>6s} {'K':>6s} {'M':>5s} | {'fp16 us':>8s} {'w8a8':>6s} {'w4a8':>6s} "
-          f"{'aser':>6s} (x fp16) | LR cost | quant/gemm us | rel err")
+    shown = methods[1:]
+    print(f"{'model':15s} {'layer':8s} {'N':>6s} {'K':>6s} {'M':>5s} | {'fp16 us':>8s} "
+          + " ".join(f"{m[:12]:>12s}" for m in shown) + " (x fp16) | ASER extra | quant/gemm us | rel err")
     for model, layers in shapes.items():
         for layer, (n, k) in layers.items():
             for m in ms:
-                r = bench_shape(n, k, m, device, args.smoke, warmup, iters, not args.eager) | {
+                r = bench_shape(n, k, m, device, args.smoke, warmup, iters, not args.eager, methods) | {
                     "model": model, "layer": layer}
                 rows.append(r)
-                ratio = lambda meth: r["fp16_us"] / r[f"{meth}_us"]  # noqa: E731
-                print(f"{model:15s} {layer:8s} {n:6d} {k:6d} {m:5d} | {r['fp16_us']:8.1f} {ratio('w8a8'):6.2f} "
-                      f"{ratio('w4a8'):6.2f} {ratio('aser'):6.2f}          | "
-                      f"{100 * (r['aser_us'] / r['w4a8_us'] - 1):+6.1f}% | "
-                      f"{r['aser_quant_us']:6.1f}/{r['aser_gemm_us']:7.1f} | {r['aser_rel_err_vs_unquantized_act']:.4f}",
-                      flush=True)
-    flat = summarize(rows, peaks)
+                ratio = lambda meth: (f"{r['fp16_us'] / r[f'{meth}_us']:12.2f}" if f"{meth}_us" in r  # noqa: E731
+                                      else f"{'-':>12s}")
+                fastest_aser = "aser_marlin" if "aser_marlin_us" in r else "aser"
+                print(f"{model:15s} {layer:8s} {n:6d} {k:6d} {m:5d} | {r['fp16_us']:8.1f} "
+                      + " ".join(ratio(meth) for meth in shown) + "          | "
+                      f"{_overhead(r, fastest_aser):+9.1f}% | "
+                      f"{r['aser_quant_us']:6.1f}/{r['aser_gemm_us']:7.1f} | "
+                      f"{r[f'{fastest_aser}_rel_err_vs_unquantized_act']:.4f}", flush=True)
+    flat = summarize(rows, peaks, methods)
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"device": name, "torch": torch.__version__, "triton": __import__("triton").__version__,
                "timing": "eager launches" if args.eager else "CUDA graph replays", "peaks": peaks, "rank": RANK,

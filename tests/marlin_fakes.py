@@ -81,12 +81,8 @@ def marlin_gemm_v026(a, c, b_q_weight, b_bias, b_scales, a_scales, global_scale,
 def install(monkeypatch, gemm=marlin_gemm_v032) -> None:
     """Marlin looks available (capability 9.0, ops present) and runs on the fakes."""
     from vllm import _custom_ops as ops
-    from vllm.model_executor import parameter
     from vllm.model_executor.layers.quantization.utils import marlin_utils
 
-    # outside an engine there is no tensor-parallel group; vLLM's parameters ask for it when built
-    monkeypatch.setattr(parameter, "get_tensor_model_parallel_rank", lambda: 0)
-    monkeypatch.setattr(parameter, "get_tensor_model_parallel_world_size", lambda: 1)
     monkeypatch.setattr(ops, "gptq_marlin_repack", fake_repack, raising=False)
     monkeypatch.setattr(ops, "marlin_gemm", gemm, raising=False)
     monkeypatch.setattr(marlin_utils, "marlin_make_workspace_new",
@@ -102,3 +98,25 @@ def _uncached(cached):
         cached.cache_clear()
         return cached()
     return call
+
+
+def install_vllm_benchmark_ops(monkeypatch) -> None:
+    """`install`, plus torch stand-ins for the other CUDA-only vLLM ops benchmarks/gpu_kernels.py times."""
+    from vllm import _custom_ops as ops
+    from vllm.model_executor.layers.quantization.utils import int8_utils
+
+    from vllm_aser.kernels.torch_ops import quantize_per_token
+
+    install(monkeypatch)
+
+    def scaled_int8_quant(x, scale=None, azp=None, symmetric=True):
+        xq, xs = quantize_per_token(x, 8)
+        return xq, xs.reshape(-1, 1).float(), None
+
+    def cutlass_scaled_mm(a, b, scale_a, scale_b, out_dtype, bias=None):
+        return ((a.float() @ b.float()) * scale_a * scale_b.reshape(1, -1)).to(out_dtype)
+
+    monkeypatch.setattr(ops, "scaled_int8_quant", scaled_int8_quant)
+    monkeypatch.setattr(ops, "cutlass_scaled_mm", cutlass_scaled_mm)
+    monkeypatch.setattr(int8_utils, "per_token_quant_int8",
+                        lambda x: tuple(t.reshape(x.shape[0], -1) for t in scaled_int8_quant(x)[:2]))

@@ -198,4 +198,27 @@ def test_gpu_benchmark_script_runs(tmp_path):
     data = json.loads((tmp_path / "gpu_kernels.json").read_text())
     assert {r["method"] for r in data["results"]} == {"fp16", "w8a8", "w4a8", "aser"}
     assert all(r["rel_err"] < 0.02 for r in data["results"] if r["method"] == "aser")  # int8 activation noise
+
+
+def test_gpu_benchmark_times_vllm_kernels(monkeypatch, tmp_path):
+    """The vLLM rows (CUTLASS W8A8, Marlin W4A8, ASER on Marlin) of benchmarks/gpu_kernels.py: on CPU through
+    tests/marlin_fakes.py's stand-ins, so the script's glue is checked before a GPU's minutes are spent on it."""
+    import importlib.util
+    import json
+
+    import marlin_fakes
+
+    spec = importlib.util.spec_from_file_location("gpu_kernels", "benchmarks/gpu_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not ON_CUDA:
+        marlin_fakes.install_vllm_benchmark_ops(monkeypatch)
+        monkeypatch.setattr(module, "vllm_why_not", lambda device: None)
+    assert module.main(["--smoke", "--vllm", "on", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "gpu_kernels.json").read_text())["results"]
+    vllm_rows = [r for r in results if r["method"] in ("w8a8_cutlass", "marlin_w4a8", "aser_marlin")]
+    assert {(r["n"], r["k"]) for r in vllm_rows} == {(128, 256)}  # the one smoke shape Marlin's tiles fit
+    assert len(vllm_rows) == 3 * 3  # three methods x M in (1, 7, 33)
+    assert all(r["rel_err"] < 0.02 for r in vllm_rows if r["method"] == "aser_marlin")
+    assert all(r["lowrank_overhead_pct"] is not None for r in vllm_rows if r["method"] == "aser_marlin")
     assert (tmp_path / "gpu_kernels.csv").is_file() and (tmp_path / "gpu_kernels.png").is_file()

@@ -16,6 +16,7 @@ Needs a CUDA build of vLLM: nothing here runs on CPU except the packing and the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -90,6 +91,24 @@ class MarlinWeights:
     is_k_full: bool
 
 
+@contextlib.contextmanager
+def _parameters_outside_an_engine():
+    """vLLM's parameter classes ask the tensor-parallel group for their rank when built. The holder below is
+    never loaded, so outside an engine (benchmarks, tests) rank 0 of 1 is supplied; inside one nothing changes."""
+    from vllm.distributed import parallel_state
+    from vllm.model_executor import parameter
+
+    if parallel_state.model_parallel_is_initialized():
+        yield
+        return
+    saved = parameter.get_tensor_model_parallel_rank, parameter.get_tensor_model_parallel_world_size
+    parameter.get_tensor_model_parallel_rank, parameter.get_tensor_model_parallel_world_size = lambda: 0, lambda: 1
+    try:
+        yield
+    finally:
+        parameter.get_tensor_model_parallel_rank, parameter.get_tensor_model_parallel_world_size = saved
+
+
 def _no_loader(*args, **kwargs) -> None:
     raise RuntimeError("ASER's Marlin holder is built from loaded tensors, never loaded")
 
@@ -110,10 +129,11 @@ def prepare(q: torch.Tensor, scale: torch.Tensor, group_size: int, act_dtype: to
     fields = {f.name for f in dataclasses.fields(MPLinearLayerConfig)}
     config = MPLinearLayerConfig(**{key: value for key, value in settings.items() if key in fields})
     holder = nn.Module()  # no bias: vLLM's kernel would permute it in place
-    holder.register_parameter("weight_packed", PackedvLLMParameter(
-        data=pack_uint4b8(q), input_dim=0, output_dim=1, packed_dim=0, packed_factor=8, weight_loader=_no_loader))
-    holder.register_parameter("weight_scale", GroupQuantScaleParameter(
-        data=scale.t().to(act_dtype).contiguous(), input_dim=0, output_dim=1, weight_loader=_no_loader))
+    with _parameters_outside_an_engine():
+        holder.register_parameter("weight_packed", PackedvLLMParameter(
+            data=pack_uint4b8(q), input_dim=0, output_dim=1, packed_dim=0, packed_factor=8, weight_loader=_no_loader))
+        holder.register_parameter("weight_scale", GroupQuantScaleParameter(
+            data=scale.t().to(act_dtype).contiguous(), input_dim=0, output_dim=1, weight_loader=_no_loader))
     kernel = MarlinLinearKernel(config, "weight_packed", "weight_scale")
     kernel.process_weights_after_loading(holder)
     workspace = getattr(kernel, "workspace", None)
