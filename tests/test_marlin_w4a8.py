@@ -12,7 +12,6 @@ import torch
 import marlin_fakes
 from vllm_aser.kernels import marlin_w4a8
 from vllm_aser.kernels.reference import dequantize_weight
-from vllm_aser.kernels.torch_ops import quantize_per_token
 
 
 def random_codes(n: int, k: int, groups: int, seed: int = 0):
@@ -71,7 +70,7 @@ def test_marlin_gemm_matches_reference(monkeypatch, m, n, k, group, dtype):
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
     w = marlin_w4a8.prepare(q, scale, group, dtype)
     assert (w.global_scale is not None) == (group != -1)  # the int8 path's int16 group scales
-    xq, xs = quantize_per_token(x, 8)
+    xq, xs = marlin_fakes.int8_per_token(x)
     out = marlin_w4a8.gemm(xq, xs, w.qweight, w.scales, w.zeros, w.g_idx, w.perm, w.workspace, w.global_scale,
                            None, n, w.is_k_full)
     expected = (xq.float() * xs.reshape(-1, 1)) @ dequantize_weight(q, scale, group).t()
@@ -85,7 +84,7 @@ def test_marlin_epilogue_adds_the_permuted_bias(monkeypatch):
     q, scale = random_codes(128, 128, 1)
     bias = torch.randn(128)
     w = marlin_w4a8.prepare(q, scale, -1, torch.float16)
-    xq, xs = quantize_per_token(torch.randn(3, 128), 8)
+    xq, xs = marlin_fakes.int8_per_token(torch.randn(3, 128))
     permuted = marlin_w4a8.permute_bias(bias.half())
     assert not torch.equal(permuted, bias.half())  # the epilogue's column order is not the natural one
     with_bias = marlin_w4a8.gemm(xq, xs, w.qweight, w.scales, w.zeros, w.g_idx, w.perm, w.workspace, None,
@@ -101,7 +100,7 @@ def test_older_marlin_signature_gets_its_extra_arguments(monkeypatch):
     marlin_fakes.CALLS_V026.clear()
     q, scale = random_codes(64, 128, 1)
     w = marlin_w4a8.prepare(q, scale, -1, torch.float16)
-    xq, xs = quantize_per_token(torch.randn(2, 128), 8)
+    xq, xs = marlin_fakes.int8_per_token(torch.randn(2, 128))
     marlin_w4a8.gemm(xq, xs, w.qweight, w.scales, w.zeros, w.g_idx, w.perm, w.workspace, None, None, 64, False)
     assert marlin_fakes.CALLS_V026 == [dict(g_idx=w.g_idx, perm=w.perm, is_k_full=False)]
 
@@ -113,7 +112,7 @@ def test_unknown_marlin_signature_is_refused_with_the_switch(monkeypatch):
     marlin_fakes.install(monkeypatch, gemm=marlin_gemm_future)
     q, scale = random_codes(64, 128, 1)
     w = marlin_w4a8.prepare(q, scale, -1, torch.float16)
-    xq, xs = quantize_per_token(torch.randn(2, 128), 8)
+    xq, xs = marlin_fakes.int8_per_token(torch.randn(2, 128))
     with pytest.raises(RuntimeError, match=f"new_required_thing.*{marlin_w4a8.NO_MARLIN_ENV_VAR}=1"):
         marlin_w4a8.gemm(xq, xs, w.qweight, w.scales, w.zeros, w.g_idx, w.perm, w.workspace, None, None, 64, True)
 
