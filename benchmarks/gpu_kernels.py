@@ -210,17 +210,19 @@ def bench_shape(n: int, k: int, m: int, device: str, smoke: bool, warmup: int, i
             return lambda: tk.w4a8_gemm(xq, xsc, w, t, up_t, None, dtype)
         return lambda: tk.aser_linear_triton(x, w, inv_smooth, down, up_t, None)
 
+    triton_rows = "aser" in methods
     parts = [tk.smooth_quant_lowrank(x, inv_smooth, down) for x in xs]
     row = {"n": n, "k": k, "m": m, "rank": rank}
     count = max(len(weights), len(fp_ws), len(i8_ws), len(xs))
-    for method in methods + PARTS:
+    for method in methods + (PARTS if triton_rows else ()):
         row[f"{method}_us"] = time_calls([make(method, i) for i in range(count)], device, warmup, iters, graphs)
     # correctness of the timed kernel on this shape (against a dequantized torch computation)
     x = xs[0]
     ref = ((x.float() * inv_smooth) @ (q.float() * scale).t().to(device)
            + ((x.float() * inv_smooth) @ down.float().t()) @ up_t.float())
-    out = tk.aser_linear_triton(x, weights[0], inv_smooth, down, up_t, None).float()
-    row["aser_rel_err_vs_unquantized_act"] = float((out - ref).norm() / ref.norm())
+    if triton_rows:
+        out = tk.aser_linear_triton(x, weights[0], inv_smooth, down, up_t, None).float()
+        row["aser_rel_err_vs_unquantized_act"] = float((out - ref).norm() / ref.norm())
     if "aser_marlin" in methods:
         out = marlin_call(marlin_ws[0], x, True).float()
         row["aser_marlin_rel_err_vs_unquantized_act"] = float((out - ref).norm() / ref.norm())
@@ -269,8 +271,8 @@ def summarize(rows: list[dict], peaks: dict, methods: tuple[str, ...] = METHODS)
                 "pct_copy_bw": round(100 * tbps * 1e3 / peaks["copy_gbps"], 1) if peaks["copy_gbps"] == peaks["copy_gbps"] else None,
                 "lowrank_overhead_pct": _overhead(r, method),
                 "rel_err": round(r[f"{method}_rel_err_vs_unquantized_act"], 5) if method.startswith("aser") else None,
-                "quant_us": round(r["aser_quant_us"], 2) if method == "aser" else None,
-                "gemm_us": round(r["aser_gemm_us"], 2) if method == "aser" else None,
+                "quant_us": round(r["aser_quant_us"], 2) if method == "aser" and "aser_quant_us" in r else None,
+                "gemm_us": round(r["aser_gemm_us"], 2) if method == "aser" and "aser_gemm_us" in r else None,
             })
     return flat
 
@@ -278,7 +280,9 @@ def summarize(rows: list[dict], peaks: dict, methods: tuple[str, ...] = METHODS)
 def _overhead(r: dict, method: str) -> float | None:
     """ASER's smoothing + low-rank cost over the same GEMM without them (Marlin: over vLLM's own W4A8 path)."""
     base = {"aser": "w4a8_us", "aser_marlin": "marlin_w4a8_us"}.get(method)
-    return round(100 * (r[f"{method}_us"] / r[base] - 1), 1) if base else None
+    if not base or base not in r or f"{method}_us" not in r:
+        return None
+    return round(100 * (r[f"{method}_us"] / r[base] - 1), 1)
 
 
 def plot(json_path: Path) -> Path:
@@ -322,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--eager", action="store_true", help="time plain launches instead of CUDA-graph replays")
     p.add_argument("--plot", type=Path, help="only draw the PNG of an existing JSON")
+    p.add_argument("--methods", nargs="*", help="time only these (fp16 always): e.g. fp16 marlin_w4a8 aser_marlin")
     p.add_argument("--vllm", choices=("auto", "on", "off"), default="auto",
                    help="also time vLLM's CUTLASS W8A8, Marlin W4A8 and ASER on Marlin (auto: when importable)")
     args = p.parse_args(argv)
@@ -340,6 +345,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_kernels: --vllm on, but {reason}", file=sys.stderr)
         return 2
     methods = METHODS + (() if reason and args.vllm != "on" else VLLM_METHODS)
+    if args.methods:
+        if unknown := [m for m in args.methods if m not in METHODS + VLLM_METHODS]:
+            p.error(f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS + VLLM_METHODS)})")
+        if missing := [m for m in args.methods if m not in methods]:
+            p.error(f"--methods {' '.join(missing)}: not available here ({reason})")
+        methods = ("fp16", *[m for m in args.methods if m != "fp16"])  # fp16: every ratio's baseline
     if reason:
         print(f"vLLM rows skipped: {reason}")
     peaks = device_peaks(device)
@@ -359,11 +370,14 @@ def main(argv: list[str] | None = None) -> int:
                 ratio = lambda meth: (f"{r['fp16_us'] / r[f'{meth}_us']:12.2f}" if f"{meth}_us" in r  # noqa: E731
                                       else f"{'-':>12s}")
                 fastest_aser = "aser_marlin" if "aser_marlin_us" in r else "aser"
+                extra = _overhead(r, fastest_aser) if f"{fastest_aser}_us" in r else None
+                parts = (f"{r['aser_quant_us']:6.1f}/{r['aser_gemm_us']:7.1f}" if "aser_quant_us" in r
+                         else f"{'-':>14s}")
+                err = r.get(f"{fastest_aser}_rel_err_vs_unquantized_act")
                 print(f"{model:15s} {layer:8s} {n:6d} {k:6d} {m:5d} | {r['fp16_us']:8.1f} "
                       + " ".join(ratio(meth) for meth in shown) + "          | "
-                      f"{_overhead(r, fastest_aser):+9.1f}% | "
-                      f"{r['aser_quant_us']:6.1f}/{r['aser_gemm_us']:7.1f} | "
-                      f"{r[f'{fastest_aser}_rel_err_vs_unquantized_act']:.4f}", flush=True)
+                      + (f"{extra:+9.1f}%" if extra is not None else f"{'-':>10s}") + f" | {parts} | "
+                      + (f"{err:.4f}" if err is not None else "-"), flush=True)
     flat = summarize(rows, peaks, methods)
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"device": name, "torch": torch.__version__, "triton": __import__("triton").__version__,

@@ -275,6 +275,8 @@ def quantize_model(
     seconds = time.perf_counter() - start
     report["totals"]["quantize_seconds"] = round(seconds, 2)
     report["totals"]["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    if device.type == "cuda":
+        report["totals"]["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
 
     with atomic_output_dir(output_dir, overwrite) as tmp:
         write_shards(tensors, tmp)
