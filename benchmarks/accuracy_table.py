@@ -144,6 +144,10 @@ def rotation_rows() -> list[Row]:
             baseline="g128-rtn"),
         Row("rot-aser-r64", sec, "`aser` rank 64, rotated (the defaults at a fixed rank; for the rank curve)",
             ("--method", "aser", "--rank", "64", *rot, *no_fit), keep=True, curve="aser (defaults)"),
+        row("rot-aser-b3-fisher", "`aser` budget 3%, rotated, ranks weighted by output sensitivity "
+            "(`--rank-weight fisher`)", "--method", "aser", *rot, *no_fit, "--rank-weight", "fisher"),
+        row("rot-aser-r16", "`aser` rank 16 everywhere, rotated (uniform ranks at about the budget)", "--method",
+            "aser", "--rank", "16", *rot, *no_fit),
     ]
 
 
@@ -202,7 +206,8 @@ def resolved_options(row: Row) -> dict | None:
 
 # Options added after rows were cached, each with the value that reproduces the behaviour from before it
 # existed: a cached row without the option still matches a row that resolves to that value.
-ADDED_OPTIONS = {"rotate": "none", "fit_target": "layer", "moe_min_tokens": None, "device": "auto"}
+ADDED_OPTIONS = {"rotate": "none", "fit_target": "layer", "moe_min_tokens": None, "device": "auto",
+                 "rank_weight": "relative"}
 # Option values that resolve to another on the table's model: SmolLM2's blocks are rotatable, so auto is hadamard
 RESOLVED_ON_SMOLLM2 = {"rotate": {"auto": "hadamard"}}
 

@@ -14,6 +14,7 @@ from offline.options import (
     DTYPES,
     EXPORTS,
     FIT_TARGETS,
+    RANK_WEIGHTS,
     METHODS,
     ROTATIONS,
     OptionsError,
@@ -69,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--rank-budget", type=float, default=defaults.rank_budget,
                       help="extra parameters in percent of the quantized weights, allocated across all layers "
                       "where they remove the most output error (default rule)")
+    p.add_argument("--rank-weight", choices=RANK_WEIGHTS, default=defaults.rank_weight,
+                   help="--rank-budget: weigh each layer's output error by its own output energy (relative) or by "
+                   "the calibration loss's mean squared gradient at that output (fisher: one backward pass of the "
+                   "whole full-precision model over 16 calibration windows; experimental, see docs/ACCURACY.md)")
     p.add_argument("--max-rank", type=int, default=defaults.max_rank, help="cap on any layer's rank")
     p.add_argument("--alpha", type=float, default=defaults.alpha, help="smoothing migration strength")
     p.add_argument("--outliers", type=int, default=defaults.outliers,

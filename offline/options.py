@@ -12,6 +12,7 @@ CLIPS = ("minmax", "mse")
 EXPORTS = ("aser", "compressed-tensors")
 ROTATIONS = ("auto", "hadamard", "none")
 FIT_TARGETS = ("layer", "model")
+RANK_WEIGHTS = ("relative", "fisher")  # how the rank budget weighs a unit's output error (offline/sensitivity.py)
 DEVICES = ("auto", "cpu", "cuda")
 COMPRESSED_TENSORS_BITS = ((8, 8), (4, 16))  # W8A8 int8, W4A16
 
@@ -39,6 +40,7 @@ class QuantizeOptions:
     damp: float = 0.01
     rotate: str = "auto"
     fit_target: str = "layer"
+    rank_weight: str = "relative"
     moe_min_tokens: int | None = None
     device: str = "auto"
     propagate_quantized: bool = True
@@ -61,6 +63,8 @@ class QuantizeOptions:
             raise OptionsError(f"--rotate must be one of {ROTATIONS}, got {self.rotate!r}")
         if self.fit_target not in FIT_TARGETS:
             raise OptionsError(f"--fit-target must be one of {FIT_TARGETS}, got {self.fit_target!r}")
+        if self.rank_weight not in RANK_WEIGHTS:
+            raise OptionsError(f"--rank-weight must be one of {RANK_WEIGHTS}, got {self.rank_weight!r}")
         if self.w_bits not in (4, 8):
             raise OptionsError(f"--w-bits must be 4 or 8, got {self.w_bits}")
         if self.export not in EXPORTS:

@@ -39,6 +39,7 @@ from offline.model_structure import (
 )
 from offline.options import QuantizeOptions
 from offline.rank_allocation import LayerSpectrum, allocate_budget
+from offline.sensitivity import output_sensitivity, unit_sensitivity
 from offline.source_model import open_source_model
 from offline.report import build_report
 from offline.rotation import check_rotatable, head_dim, residual_rotation, rotate_block, rotate_outside
@@ -47,6 +48,7 @@ from vllm_aser import format as fmt
 from vllm_aser.kernels.reference import dequantize_weight
 
 logger = logging.getLogger("offline.pipeline")
+SENSITIVITY_WINDOWS = 16  # --rank-weight fisher: calibration windows of the backward pass
 
 
 @dataclass
@@ -121,12 +123,21 @@ def unquantized_tensors(
     return tensors
 
 
-def allocate_ranks(results: list[QuantizedLinear], budget_percent: float) -> None:
-    """Global budget over low-rank units (a fused group with a shared down-projection, or one layer)."""
+def allocate_ranks(results: list[QuantizedLinear], budget_percent: float,
+                   sensitivity: dict[str, float] | None = None) -> None:
+    """Global budget over low-rank units (a fused group with a shared down-projection, or one layer); with
+    `sensitivity` (offline/sensitivity.py) each unit's error is weighted by the loss's gradient at its outputs."""
     units: dict[str, list[QuantizedLinear]] = {}
     for r in results:
         if r.spectrum is not None:
             units.setdefault(r.lowrank_unit, []).append(r)
+    weights = {name: unit_sensitivity([(m.name, m.out_features) for m in members], sensitivity)
+               for name, members in units.items()} if sensitivity is not None else {}
+    if None in weights.values():
+        missing = sorted(name for name, w in weights.items() if w is None)
+        logger.warning("--rank-weight fisher: no sensitivity for %d low-rank units (e.g. %s): every unit is "
+                       "weighted by its relative output error instead", len(missing), missing[0])
+        weights = {}
     spectra = [
         LayerSpectrum(
             name,
@@ -136,6 +147,7 @@ def allocate_ranks(results: list[QuantizedLinear], budget_percent: float) -> Non
             sum(m.reference_energy for m in members),
             members[0].spectrum.max_rank,
             members[0].min_rank,
+            weights.get(name),
         )
         for name, members in units.items()
     ]
@@ -182,6 +194,9 @@ def quantize_model(
             untied = rotate_outside(model, stack, rotation)
     samples = token_windows(texts, tokenizer, opts.num_samples, opts.seq_len, opts.seed)
     batches = list(samples.split(opts.batch_size))
+    sensitivity = None
+    if opts.rank_weight == "fisher" and opts.rank_budget is not None:
+        sensitivity = output_sensitivity(model_dir, samples[:SENSITIVITY_WINDOWS], progress)
     captured = capture_block_inputs(model, stack, batches)
     device = compute_device(opts.device)
     hidden = [h.to(device) for h in captured.hidden]
@@ -214,7 +229,7 @@ def quantize_model(
     del captured, hidden, fp_hidden, inputs, fp_inputs, kwargs
 
     if opts.rank_budget is not None:
-        allocate_ranks(results, opts.rank_budget)
+        allocate_ranks(results, opts.rank_budget, sensitivity)
 
     # exported under the checkpoint's names (transformers 5 renames some on load, e.g. Mixtral's experts)
     rename = source.checkpoint_name
