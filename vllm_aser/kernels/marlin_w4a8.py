@@ -73,8 +73,8 @@ def cuda_capability(device: torch.device) -> int | None:
 
 def pack_uint4b8(q: torch.Tensor) -> torch.Tensor:
     """Signed int4 codes [N, K] -> GPTQ's layout: [K / 8, N] int32, code + 8, eight K values per word (low bits
-    first). compressed-tensors' packer applies the same +8 offset, so it is reused, packing along K."""
-    return pack_to_int32(q.t().contiguous().to(torch.int8), 4, packed_dim=0)
+    first). compressed-tensors' packer applies the same +8 offset, so it is reused (packing along K, transposed)."""
+    return pack_to_int32(q.to(torch.int8), 4, packed_dim=1).t().contiguous()
 
 
 @dataclasses.dataclass
