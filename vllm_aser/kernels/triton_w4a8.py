@@ -95,6 +95,25 @@ def _high_nibbles_x16(b, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def _lowrank_up(t_ptr, up_ptr, rm, rn, M, N, R, T_SPLITS, stride_ts, stride_tm, stride_ur,
+                DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(sum over s of t[s, rm, :]) @ up_t[:, rn] in float32: the low-rank up-projection of a tile, from the partial
+    down-projections of the K chunks (shared by the GEMM's epilogue and the in-place add after Marlin)."""
+    rr = tl.arange(0, BLOCK_R)
+    t = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for s in range(0, T_SPLITS):
+        t += tl.load(t_ptr + s * stride_ts + rm[:, None] * stride_tm + rr[None, :],
+                     mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+    up = tl.load(up_ptr + rr[:, None] * stride_ur + rn[None, :], mask=(rr[:, None] < R) & (rn[None, :] < N),
+                 other=0.0)
+    if DOT_F32:
+        product = tl.dot(t, up.to(tl.float32))
+    else:
+        product = tl.dot(t.to(up.dtype), up)
+    return product
+
+
+@triton.jit
 def _w4a8_gemm_kernel(
     a_ptr, b_ptr, a_scale_ptr, w_scale_ptr, t_ptr, up_ptr, bias_ptr, c_ptr,
     M, N, K, R, T_SPLITS, M_BUCKET,
@@ -147,17 +166,8 @@ def _w4a8_gemm_kernel(
     else:
         out = acc_f * a_scale[:, None]
     if HAS_LOWRANK:
-        rr = tl.arange(0, BLOCK_R)
-        t = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-        for s in range(0, T_SPLITS):  # partial down-projections of the K chunks
-            t += tl.load(t_ptr + s * stride_ts + rm[:, None] * stride_tm + rr[None, :],
-                         mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
-        up = tl.load(up_ptr + rr[:, None] * stride_ur + rn[None, :], mask=(rr[:, None] < R) & (rn[None, :] < N),
-                     other=0.0)
-        if DOT_F32:
-            out += tl.dot(t, up.to(tl.float32))
-        else:
-            out += tl.dot(t.to(up.dtype), up)
+        out += _lowrank_up(t_ptr, up_ptr, rm, rn, M, N, R, T_SPLITS, stride_ts, stride_tm, stride_ur, DOT_F32,
+                           BLOCK_M, BLOCK_R)
     if HAS_BIAS:
         out += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], out.to(c_ptr.dtype.element_ty),
@@ -176,17 +186,8 @@ def _lowrank_up_add_kernel(
     # GEMM that cannot take it in its epilogue (Marlin)
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rr = tl.arange(0, BLOCK_R)
-    t = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for s in range(0, T_SPLITS):
-        t += tl.load(t_ptr + s * stride_ts + rm[:, None] * stride_tm + rr[None, :],
-                     mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
-    up = tl.load(up_ptr + rr[:, None] * stride_ur + rn[None, :], mask=(rr[:, None] < R) & (rn[None, :] < N),
-                 other=0.0)
-    if DOT_F32:
-        acc = tl.dot(t, up.to(tl.float32))
-    else:
-        acc = tl.dot(t.to(up.dtype), up)
+    acc = _lowrank_up(t_ptr, up_ptr, rm, rn, M, N, R, T_SPLITS, stride_ts, stride_tm, stride_ur, DOT_F32, BLOCK_M,
+                      BLOCK_R)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     out = tl.load(out_ptr + rm[:, None] * stride_om + rn[None, :], mask=mask, other=0.0).to(tl.float32) + acc
     if HAS_BIAS:
