@@ -9,6 +9,8 @@ uint4b8 packing, the scale layout, the int8 codes and scales, the bias and the c
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from vllm_aser.kernels import marlin_w4a8
@@ -95,15 +97,8 @@ def install(monkeypatch, gemm=marlin_gemm_v032) -> None:
                         lambda device, max_blocks_per_sm=1: torch.zeros(8 * max_blocks_per_sm, dtype=torch.int32))
     monkeypatch.setattr(marlin_w4a8, "cuda_capability", lambda device: 90)
     monkeypatch.setattr(marlin_w4a8, "have_marlin_ops", lambda: True)
-    marlin_w4a8._gemm_parameters.cache_clear()
-    monkeypatch.setattr(marlin_w4a8, "_gemm_parameters", _uncached(marlin_w4a8._gemm_parameters))
-
-
-def _uncached(cached):
-    def call():
-        cached.cache_clear()
-        return cached()
-    return call
+    marlin_w4a8._marlin_api.cache_clear()  # resolved again against the fakes (and after the test, the real ops)
+    monkeypatch.setattr(marlin_w4a8, "_marlin_api", functools.cache(marlin_w4a8._marlin_api.__wrapped__))
 
 
 def install_vllm_benchmark_ops(monkeypatch) -> None:

@@ -122,6 +122,7 @@ def prepare(q: torch.Tensor, scale: torch.Tensor, group_size: int, act_dtype: to
     from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter
     from vllm.scalar_type import scalar_types
 
+    _marlin_api()  # refuses an unknown marlin_gemm signature at load, not at the first forward
     n, k = q.shape
     settings = dict(full_weight_shape=(k, n), partition_weight_shape=(k, n), weight_type=scalar_types.uint4b8,
                     act_type=torch.int8, group_size=group_size, zero_points=False, has_g_idx=False,
@@ -158,37 +159,42 @@ def permute_bias(bias: torch.Tensor) -> torch.Tensor:
     return marlin_permute_bias(bias)
 
 
-@functools.cache
-def _gemm_parameters() -> tuple[tuple[str, bool], ...]:
-    """(name, required) of the installed `marlin_gemm`'s parameters."""
-    from vllm import _custom_ops as ops
+# every marlin_gemm parameter ASER can supply (0.26 and 0.32 between them)
+KNOWN_PARAMETERS = ("a", "c", "b_q_weight", "b_bias", "b_scales", "a_scales", "global_scale", "b_zeros", "g_idx",
+                    "perm", "workspace", "b_q_type", "size_m", "size_n", "size_k", "is_k_full", "use_atomic_add",
+                    "use_fp32_reduce", "is_zp_float")
 
-    return tuple((p.name, p.default is inspect.Parameter.empty)
-                 for p in inspect.signature(ops.marlin_gemm).parameters.values())
+
+@functools.cache
+def _marlin_api():
+    """vLLM's marlin_gemm, the names of its parameters ASER passes, and the helpers the call needs: resolved once
+    (at load, from `prepare`), so a vLLM whose marlin_gemm requires something unknown is refused before serving."""
+    from vllm import _custom_ops as ops
+    from vllm.model_executor.layers.quantization.utils.marlin_utils import should_use_atomic_add_reduce
+    from vllm.scalar_type import scalar_types
+
+    parameters = inspect.signature(ops.marlin_gemm).parameters.values()
+    unknown = [p.name for p in parameters if p.default is inspect.Parameter.empty and p.name not in KNOWN_PARAMETERS]
+    if unknown:
+        raise RuntimeError(f"vLLM's marlin_gemm takes parameters ASER does not know ({', '.join(unknown)}); "
+                           f"set {NO_MARLIN_ENV_VAR}=1 to use ASER's own GEMM with this vLLM")
+    names = tuple(p.name for p in parameters if p.name in KNOWN_PARAMETERS)
+    return ops.marlin_gemm, names, should_use_atomic_add_reduce, scalar_types.uint4b8
 
 
 def gemm(xq: torch.Tensor, a_scales: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
          zeros: torch.Tensor, g_idx: torch.Tensor | None, perm: torch.Tensor | None, workspace: torch.Tensor,
          global_scale: torch.Tensor | None, bias: torch.Tensor | None, n: int, is_k_full: bool) -> torch.Tensor:
     """int8 codes [M, K] with float32 per-token scales [M] -> [M, N] in the scales' dtype."""
-    from vllm import _custom_ops as ops
-    from vllm.model_executor.layers.quantization.utils.marlin_utils import should_use_atomic_add_reduce
-    from vllm.scalar_type import scalar_types
-
+    marlin_gemm, names, atomic_add, uint4b8 = _marlin_api()
     m, k = xq.shape
     a_scales = a_scales.reshape(m, 1)
     if global_scale is not None:
         a_scales = a_scales * global_scale
     values = dict(
         a=xq, c=None, b_q_weight=qweight, b_bias=bias, b_scales=scales, a_scales=a_scales, global_scale=None,
-        b_zeros=zeros, g_idx=g_idx, perm=perm, workspace=workspace, b_q_type=scalar_types.uint4b8, size_m=m,
-        size_n=n, size_k=k, is_k_full=is_k_full,
-        use_atomic_add=should_use_atomic_add_reduce(m=m, n=n, k=k, device=xq.device, dtype=scales.dtype),
+        b_zeros=zeros, g_idx=g_idx, perm=perm, workspace=workspace, b_q_type=uint4b8, size_m=m, size_n=n, size_k=k,
+        is_k_full=is_k_full, use_atomic_add=atomic_add(m=m, n=n, k=k, device=xq.device, dtype=scales.dtype),
         use_fp32_reduce=True, is_zp_float=False,
     )
-    parameters = _gemm_parameters()
-    unknown = [name for name, required in parameters if required and name not in values]
-    if unknown:
-        raise RuntimeError(f"vLLM's marlin_gemm takes parameters ASER does not know ({', '.join(unknown)}); "
-                           f"set {NO_MARLIN_ENV_VAR}=1 to use ASER's own GEMM with this vLLM")
-    return ops.marlin_gemm(**{name: values[name] for name, _ in parameters if name in values})
+    return marlin_gemm(**{name: values[name] for name in names})
