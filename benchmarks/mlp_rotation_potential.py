@@ -40,7 +40,22 @@ class InputRotated(nn.Module):
         return self.linear(x @ self.rotation)
 
 
-def build(model_dir: Path, inner_rotation: bool, calib: torch.Tensor, base: str):
+def inner_matrix(n: int, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """`full`: a random Hadamard of order n; `blockB`: random signs times block-diagonal Hadamards of order B
+    (what a row-parallel shard of K/tp can apply locally; the signs fold into up_proj's rows for free)."""
+    from offline.rotation import hadamard_matrix, random_orthogonal
+
+    if kind == "full":
+        return random_orthogonal(n, gen)[0]
+    block = int(kind.removeprefix("block"))
+    if n % block:
+        raise SystemExit(f"--inner {kind}: {n} is not a multiple of {block}")
+    signs = torch.randint(0, 2, (n,), generator=gen).double() * 2 - 1
+    h = torch.block_diag(*[hadamard_matrix(block)] * (n // block)) / block**0.5
+    return signs[:, None] * h
+
+
+def build(model_dir: Path, inner_rotation: str | None, calib: torch.Tensor, base: str):
     from offline.model_structure import find_decoder_stack
     from offline.perplexity import load_torch_model
     from offline.rotation import (check_rotatable, head_dim, random_orthogonal, residual_rotation, rotate_block,
@@ -59,7 +74,7 @@ def build(model_dir: Path, inner_rotation: bool, calib: torch.Tensor, base: str)
         rotate_block(block, f"{stack.prefix}.{index}", rotation)
         if inner_rotation:
             down = block.mlp.down_proj
-            block.mlp.down_proj = InputRotated(down, random_orthogonal(down.in_features, gen)[0])
+            block.mlp.down_proj = InputRotated(down, inner_matrix(down.in_features, inner_rotation, gen))
     linears = {name: m for name, m in stack.layers.named_modules() if isinstance(m, nn.Linear)}
     # Gram matrices of the rotated inputs (full-precision stream: no propagation of quantized outputs)
     grams = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in linears.items()}
@@ -91,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--windows", type=int, default=16, help="Wikipedia windows of 2048 tokens (BBC: half as many)")
     p.add_argument("--base", choices=("gptq", "rtn"), default="gptq", help="weight rounding (both with clipped scales)")
+    p.add_argument("--inner", default="none,full",
+                   help="comma-separated down_proj input rotations: none, full (a Hadamard of order K), blockB "
+                        "(block-diagonal Hadamards of order B with random signs)")
     args = p.parse_args(argv)
     from transformers import AutoTokenizer
 
@@ -106,12 +124,12 @@ def main(argv: list[str] | None = None) -> int:
              "bbc": eval_windows(assets["eval"]["bbc"], tokenizer, 2048, max(1, args.windows // 2))}
     print(f"SmolLM2 W4A8 per-channel ({args.base} + clipped scales, no low-rank), rotated; {args.windows} + "
           f"{max(1, args.windows // 2)} windows of 2048 tokens")
-    for inner in (False, True):
+    for inner in args.inner.split(","):
         start = time.perf_counter()
-        model = build(model_dir, inner, calib, args.base)
+        model = build(model_dir, None if inner == "none" else inner, calib, args.base)
         scores = {name: math.exp(window_nll(model, w, progress=False) / (w.numel() - w.shape[0]))
                   for name, w in texts.items()}
-        label = "R1 + R2 + down_proj input R4" if inner else "R1 + R2 (offline, the shipped rotation)"
+        label = f"R1 + R2 + down_proj input R4 ({inner})" if inner != "none" else "R1 + R2 (offline, the shipped rotation)"
         print(f"{label:42s} wikipedia {scores['wikipedia']:.2f}  bbc {scores['bbc']:.2f}  "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
     return 0

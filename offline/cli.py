@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(norm weights folded into the linears; no cost at serving), which spreads outlier channels "
                    "before quantization; auto: hadamard where the model's structure allows it (Llama-style "
                    "blocks with plain RMSNorms), none otherwise (e.g. Gemma 3, Phi-3), with a message")
+    p.add_argument("--mlp-hadamard", default=defaults.mlp_hadamard, metavar="auto|none|B",
+                   help="rotate down_proj's input at run time by block-diagonal Walsh-Hadamard transforms of order B "
+                   "(a power of two; QuaRot's online R4), its inverse folded into the weights: spreads the MLP's "
+                   "inner outliers before int4/int8 quantization for a small cost at serving. auto: with the "
+                   "residual rotation, the largest power of two dividing the MLP width, at most 512 (each "
+                   "tensor-parallel rank must hold whole blocks); gated MLPs only (MoE experts are not rotated)")
     p.add_argument("--fit-target", choices=FIT_TARGETS, default=defaults.fit_target,
                    help="what GPTQ and the low-rank branch fit: layer (each layer's own weight on the quantized "
                    "model's inputs) or model (the full-precision model's outputs, from a second calibration "

@@ -39,6 +39,7 @@ class QuantizeOptions:
     outliers: int = 4
     damp: float = 0.01
     rotate: str = "auto"
+    mlp_hadamard: str = "none"  # down_proj's input rotated at run time: auto, none, or a block (offline/mlp_rotation.py)
     fit_target: str = "layer"
     rank_weight: str = "relative"
     moe_min_tokens: int | None = None
@@ -61,6 +62,13 @@ class QuantizeOptions:
             raise OptionsError(f"--clip must be one of {CLIPS}, got {self.clip!r}")
         if self.rotate not in ROTATIONS:
             raise OptionsError(f"--rotate must be one of {ROTATIONS}, got {self.rotate!r}")
+        if self.mlp_hadamard not in ("auto", "none"):
+            block = int(self.mlp_hadamard) if self.mlp_hadamard.isdigit() else 0
+            if block < 2 or block & (block - 1):
+                raise OptionsError(f"--mlp-hadamard must be auto, none or a power of two >= 2, got {self.mlp_hadamard!r}")
+            if self.export != "aser":
+                raise OptionsError("--mlp-hadamard rotates down_proj's input at run time, which only the ASER format "
+                                   "describes: use --mlp-hadamard none with --export compressed-tensors")
         if self.fit_target not in FIT_TARGETS:
             raise OptionsError(f"--fit-target must be one of {FIT_TARGETS}, got {self.fit_target!r}")
         if self.rank_weight not in RANK_WEIGHTS:

@@ -29,6 +29,7 @@ from offline.expert_calibration import moe_report, new_stats, recalibrate_starve
 from offline.export import atomic_output_dir, copy_side_files, quantized_tensors, write_config, write_shards
 from offline.fit_target import CrossStats
 from offline.layer_quant import QuantizedLinear, quantize_group
+from offline.mlp_rotation import SIGN_SEED_OFFSET, mlp_hadamard_block, rotate_mlp_inner, why_not_rotatable
 from offline.model_structure import (
     InputHooks,
     UnsupportedModelError,
@@ -63,18 +64,20 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _simulated(result: QuantizedLinear, opts: QuantizeOptions) -> ReferenceASERLinear:
+def _simulated(result: QuantizedLinear, opts: QuantizeOptions, hadamard: int = 0) -> ReferenceASERLinear:
     lowrank = result.lowrank()
     up, down = lowrank if lowrank is not None else (None, None)
     weight = dequantize_weight(result.q, result.scale, opts.group_size)
-    return ReferenceASERLinear(weight, 1.0 / result.smooth, down, up, result.bias, opts.a_bits)
+    return ReferenceASERLinear(weight, 1.0 / result.smooth, down, up, result.bias, opts.a_bits, hadamard)
 
 
 def quantize_block(
-    block, block_prefix, inputs, opts, fp_inputs=None
+    block, block_prefix, inputs, opts, fp_inputs=None, hadamard: dict[str, int] | None = None
 ) -> tuple[list[QuantizedLinear], list[torch.Tensor], list[torch.Tensor] | None]:
     """Quantize one decoder block; return its results, the block's outputs (the next block's inputs) and, with
-    `fp_inputs` (the full-precision model's stream, for --fit-target model), the full-precision outputs."""
+    `fp_inputs` (the full-precision model's stream, for --fit-target model), the full-precision outputs.
+    `hadamard`: the block's linears whose input is rotated at run time (name in the block -> Hadamard block)."""
+    hadamard = hadamard or {}
     groups = shared_input_groups(block, *inputs[0])
     stats = {tuple(g): new_stats(block, g) for g in groups}
     cross = {key: CrossStats(s.gram.shape[0]) for key, s in stats.items()} if fp_inputs is not None else {}
@@ -104,7 +107,7 @@ def quantize_block(
             results.extend(quantize_group(linears, stats[key], opts, cross[key].cross if key in cross else None))
         if opts.propagate_quantized:
             for name, result in zip([n for g in groups for n in g], results):
-                set_submodule(block, name, _simulated(result, opts))
+                set_submodule(block, name, _simulated(result, opts, hadamard.get(name, 0)))
             outputs = [run_block(block, hidden, kwargs) for hidden, kwargs in inputs]
     return results, outputs, fp_outputs, starved
 
@@ -160,6 +163,24 @@ def allocate_ranks(results: list[QuantizedLinear], budget_percent: float,
             m.rank = ranks[name]
 
 
+def _mlp_rotation(opts: QuantizeOptions, residual_rotated: bool, stack) -> tuple[int, str | None]:
+    """The MLP's inner Hadamard block (0: none) and, when `auto` declined it, why."""
+    if opts.mlp_hadamard == "none":
+        return 0, None
+    if opts.mlp_hadamard == "auto" and not residual_rotated:
+        return 0, "the residual stream is not rotated (auto rotates the MLP only with it)"
+    reason = why_not_rotatable(stack.layers[0])
+    if reason is not None:
+        if opts.mlp_hadamard != "auto":
+            raise UnsupportedModelError(f"--mlp-hadamard {opts.mlp_hadamard}: {stack.prefix}.0: {reason}; "
+                                        "quantize with --mlp-hadamard none")
+        logger.warning("--mlp-hadamard auto: not rotating the MLPs: %s", reason)
+        return 0, reason
+    width = stack.layers[0].get_submodule("mlp.down_proj").in_features
+    block = mlp_hadamard_block(width, opts.mlp_hadamard)
+    return block, None if block else f"the MLP width {width} is odd"
+
+
 def quantize_model(
     model_dir: str | Path,
     output_dir: str | Path,
@@ -192,6 +213,8 @@ def quantize_model(
             rotation = residual_rotation(model.get_input_embeddings().weight.shape[1], opts.seed,
                                          head_dim(stack.layers[0]))
             untied = rotate_outside(model, stack, rotation)
+    mlp_block, mlp_refused = _mlp_rotation(opts, rotation is not None, stack)
+    input_hadamard: dict[str, int] = {}
     samples = token_windows(texts, tokenizer, opts.num_samples, opts.seq_len, opts.seed)
     batches = list(samples.split(opts.batch_size))
     sensitivity = None
@@ -213,13 +236,19 @@ def quantize_model(
         block = source.materialize_block(index)
         if rotation is not None:
             rotate_block(block, prefix, rotation)
+        block_hadamard = {}
+        if mlp_block:
+            gen = torch.Generator().manual_seed(opts.seed + SIGN_SEED_OFFSET + index)
+            block_hadamard = rotate_mlp_inner(block, prefix, mlp_block, gen)
+            input_hadamard.update({f"{prefix}.{name}": b for name, b in block_hadamard.items()})
         block.to(device)
         kwargs = [to_device(kw, device) for kw in captured.kwargs[index]]
         inputs = list(zip(hidden, kwargs))
         fp_inputs = None if fp_hidden is None else list(zip(fp_hidden, kwargs))
         # tensors the quantizer creates land beside the block (the context intercepts every torch call: GPU only)
         with torch.device(device) if device.type != "cpu" else contextlib.nullcontext():
-            block_results, hidden, fp_hidden, block_starved = quantize_block(block, prefix, inputs, opts, fp_inputs)
+            block_results, hidden, fp_hidden, block_starved = quantize_block(block, prefix, inputs, opts, fp_inputs,
+                                                                             block_hadamard)
         results.extend(r.to("cpu") for r in block_results)
         starved.extend(block_starved)
         tensors.update(unquantized_tensors(block, prefix, {r.name for r in block_results}, dtype))
@@ -238,6 +267,7 @@ def quantize_model(
     tensors = {rename(name): tensor for name, tensor in tensors.items()}
     for entry in starved:
         entry["expert"] = rename(entry["expert"])
+    input_hadamard = {rename(name): b for name, b in input_hadamard.items()}
 
     # full-precision weights (MoE routers) that vLLM may still hand to the quantization method
     routers = [rename(f"{stack.prefix}.{i}.{e['module']}") for i in range(len(stack.layers)) for e in unquantized]
@@ -264,8 +294,10 @@ def quantize_model(
             lowrank_shared=opts.joint_lowrank,
             ignore=["lm_head", *routers],
             ranks={r.name: r.rank for r in results},
+            input_hadamard=input_hadamard,
             method=opts.method,
             calibration=calibration,
+            format_version=fmt.ASERQuantConfig.version_for(input_hadamard),
         )
         for result in results:
             tensors.update(quantized_tensors(result, cfg, dtype))
@@ -280,6 +312,8 @@ def quantize_model(
         "rank_rule": opts.rank_rule,
         "rotation": None if rotation is None else {"kind": rotation.kind, "untied_embeddings": untied},
         "rotation_refused": rotation_refused,
+        "mlp_rotation": {"hadamard_block": mlp_block, "layers": len(input_hadamard)} if mlp_block else None,
+        "mlp_rotation_refused": mlp_refused,
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "torch": torch.__version__,
         "python": platform.python_version(),

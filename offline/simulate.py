@@ -22,10 +22,11 @@ from vllm_aser.kernels.reference import aser_linear, dequantize_weight, unpack_i
 class ReferenceASERLinear(nn.Module):
     """y = Q_a(x / s) W_q^T + ((x / s) down^T) up^T + b, in float32 (buffers are not saved)."""
 
-    def __init__(self, weight, inv_smooth, down, up, bias, act_bits: int):
+    def __init__(self, weight, inv_smooth, down, up, bias, act_bits: int, hadamard: int = 0):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.act_bits = act_bits
+        self.hadamard = hadamard  # input Hadamard block (0: none)
         self.register_buffer("weight", weight.float(), persistent=False)
         self.register_buffer("inv_smooth", inv_smooth.float(), persistent=False)
         self.register_buffer("down", None if down is None else down.float(), persistent=False)
@@ -33,7 +34,8 @@ class ReferenceASERLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return aser_linear(x, self.weight, self.inv_smooth, self.down, self.up, self.bias, self.act_bits)
+        return aser_linear(x, self.weight, self.inv_smooth, self.down, self.up, self.bias, self.act_bits,
+                           self.hadamard)
 
 
 def truncate_lowrank(model: nn.Module, rank: int) -> int:
@@ -87,9 +89,9 @@ def load_reference_model(model_dir: str | Path, dtype: torch.dtype = torch.float
         down = get(fmt.LOWRANK_DOWN) if rank else None
         up = get(fmt.LOWRANK_UP) if rank else None
         bias = tensors.pop(f"{module}.bias", None)
-        set_submodule(
-            model, module_of.get(module, module), ReferenceASERLinear(weight, 1.0 / get(fmt.SMOOTH), down, up, bias, cfg.activation_bits)
-        )
+        linear = ReferenceASERLinear(weight, 1.0 / get(fmt.SMOOTH), down, up, bias, cfg.activation_bits,
+                                     cfg.hadamard_of(module))
+        set_submodule(model, module_of.get(module, module), linear)
     tensors = {param_of.get(name, name): tensor for name, tensor in tensors.items()}
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected:

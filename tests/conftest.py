@@ -88,6 +88,13 @@ def qwen2_aser_rotated(workdir, tiny_qwen2_tied, calib_text) -> Path:
 
 
 @pytest.fixture(scope="session")
+def llama_aser_mlp_rotated(workdir, tiny_llama, calib_text) -> Path:
+    """Residual rotation and down_proj's input rotated at run time (Hadamard blocks of 16: the MLP is 304 wide)."""
+    return quantize(tiny_llama, workdir / "llama-aser-mlp-rotated", calib_text, rank=8, dtype="float32",
+                    rotate="hadamard", mlp_hadamard="auto")
+
+
+@pytest.fixture(scope="session")
 def qwen2_aser_fp32(workdir, tiny_qwen2, calib_text) -> Path:
     """Fixed rank and group-wise scales; Qwen2 has q/k/v biases."""
     return quantize(tiny_qwen2, workdir / "qwen2-aser-fp32", calib_text, rank=8, group_size=64, dtype="float32")

@@ -19,7 +19,7 @@ def test_roundtrip_and_defaults():
     "change,message",
     [
         ({"quant_method": "gptq"}, "quant_method is 'gptq'"),
-        ({"format_version": 2}, "format_version 2 is not supported"),
+        ({"format_version": 3}, "format_version 3 is not supported"),
         ({"weight_bits": 3}, "weight_bits must be 4 or 8"),
         ({"weight_group_size": 100}, "weight_group_size"),
         ({"activation_bits": 9}, "activation_bits"),

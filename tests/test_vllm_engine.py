@@ -64,6 +64,7 @@ def reference_logprobs(model_dir: Path, prompt_ids: list[int], ids: list[int]) -
         ("qwen2_aser_fp32", "reference", True, 2e-4),
         ("qwen2_aser_fp32", "cpu", True, 1e-4),
         ("qwen2_aser_rotated", "cpu", True, 2e-4),
+        ("llama_aser_mlp_rotated", "cpu", True, 2e-3),
     ],
 )
 def test_fp32_tokens_and_logprobs_match_reference(artifact, kernel, exact_tokens, tolerance, request, cpu_env):
@@ -78,14 +79,16 @@ def test_fp32_tokens_and_logprobs_match_reference(artifact, kernel, exact_tokens
         assert max(abs(a - b) for a, b in zip(result["logprobs"], ref_logprobs)) < tolerance
 
 
-def test_bf16_logprobs_close_to_reference(llama_aser_bf16, cpu_env):
+@pytest.mark.parametrize("artifact", ["llama_aser_bf16", "llama_aser_mlp_rotated"])
+def test_bf16_logprobs_close_to_reference(artifact, request, cpu_env):
     """bf16 keeps 8 mantissa bits (relative rounding 2^-9 per op), so logits drift by ~1e-2 through a model;
     tokens may flip where the top two are that close. Teacher forcing vLLM's own tokens through the float32
-    reference compares like with like: every chosen token's logprob must agree within 0.1 nats."""
-    results = run_vllm(cpu_env, model=str(llama_aser_bf16), dtype="bfloat16",
-                       expect_log="ASER cpu kernel: native path")
+    reference compares like with like: every chosen token's logprob must agree within 0.1 nats. The MLP-rotated
+    artifact adds the online Hadamard transform, run in bf16 (+-1 matrices, exact; two roundings of its sums)."""
+    model_dir = request.getfixturevalue(artifact)
+    results = run_vllm(cpu_env, model=str(model_dir), dtype="bfloat16", expect_log="ASER cpu kernel: native path")
     for result in results:
-        _, ref_logprobs = reference_logprobs(llama_aser_bf16, result["prompt_ids"], result["ids"])
+        _, ref_logprobs = reference_logprobs(model_dir, result["prompt_ids"], result["ids"])
         assert max(abs(a - b) for a, b in zip(result["logprobs"], ref_logprobs)) < 0.1
 
 

@@ -76,5 +76,10 @@ class ASERConfig(QuantizationConfig):
             return UnquantizedLinearMethod()
         from vllm_aser.linear_method import ASERLinearMethod
 
-        ranks = [self.spec.rank_of(name) for name in self._sub_layer_names(prefix)]
-        return ASERLinearMethod(self.spec, ranks, prefix)
+        names = self._sub_layer_names(prefix)
+        ranks = [self.spec.rank_of(name) for name in names]
+        blocks = {self.spec.hadamard_of(name) for name in names}
+        if len(blocks) > 1:
+            raise fmt.FormatError(f"{prefix}: the sub-layers {names} that vLLM fuses rotate their input by different "
+                                  f"Hadamard blocks {sorted(blocks)}; they read one input and must share it")
+        return ASERLinearMethod(self.spec, ranks, prefix, blocks.pop())

@@ -14,7 +14,10 @@ from typing import Any
 
 QUANT_METHOD = "aser"
 FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+# 2: some layers rotate their input at run time (`input_hadamard`); written only then, so that a plugin without
+# the online rotation refuses the artifact instead of serving a model whose layers miss it
+ROTATED_INPUT_FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 REPORT_FILENAME = "aser_report.json"
 
 # Per quantized linear `P`, the checkpoint holds P.<suffix> for each of these (plus P.bias if the layer has one).
@@ -53,6 +56,9 @@ class ASERQuantConfig:
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
     # rank of the low-rank branch per quantized module (Hugging Face module name); 0 = no branch
     ranks: dict[str, int] = field(default_factory=dict)
+    # Hadamard block b per module whose input is rotated at run time (x blockdiag(H_b) / sqrt(b) before the ASER
+    # product; vllm_aser/kernels/hadamard.py); absent modules are not rotated
+    input_hadamard: dict[str, int] = field(default_factory=dict)
     method: str = "aser"
     calibration: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -97,6 +103,18 @@ class ASERQuantConfig:
         for name, rank in self.ranks.items():
             if not isinstance(rank, int) or rank < 0:
                 raise FormatError(f"quantization_config.ranks[{name!r}] must be an int >= 0, got {rank!r}")
+        if self.input_hadamard and self.format_version < ROTATED_INPUT_FORMAT_VERSION:
+            raise FormatError(
+                f"quantization_config.input_hadamard needs format_version {ROTATED_INPUT_FORMAT_VERSION}, the "
+                f"artifact says {self.format_version}: it was edited by hand or written by a broken tool; re-quantize"
+            )
+        for name, block in self.input_hadamard.items():
+            if name not in self.ranks:
+                raise FormatError(f"quantization_config.input_hadamard names {name!r}, which is not a quantized module")
+            if not isinstance(block, int) or block < 2 or block & (block - 1):
+                raise FormatError(
+                    f"quantization_config.input_hadamard[{name!r}] must be a power of two >= 2, got {block!r}"
+                )
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ASERQuantConfig:
@@ -114,6 +132,15 @@ class ASERQuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def version_for(cls, input_hadamard: dict[str, int]) -> int:
+        """The format version a writer must declare: the oldest that can describe the artifact."""
+        return ROTATED_INPUT_FORMAT_VERSION if input_hadamard else FORMAT_VERSION
+
+    def hadamard_of(self, module: str) -> int:
+        """The module's input Hadamard block, 0 when its input is not rotated."""
+        return self.input_hadamard.get(module, 0)
 
     def rank_of(self, module: str) -> int:
         if module not in self.ranks:
@@ -214,6 +241,10 @@ def validate_checkpoint(model_dir: str | Path, cfg: ASERQuantConfig | None = Non
     lowrank_st = _LOWRANK_ST_DTYPES[cfg.lowrank_dtype]
     for module, rank in cfg.ranks.items():
         out_features, in_features = _declared_shape(model_dir, headers, module)
+        block = cfg.hadamard_of(module)
+        if block and in_features % block:
+            raise FormatError(f"{model_dir}: {module} has {in_features} input features, not a multiple of its "
+                              f"input_hadamard block {block}")
         for suffix, shape in expected_shapes(cfg, out_features, in_features, rank).items():
             name = tensor_name(module, suffix)
             if name not in headers:

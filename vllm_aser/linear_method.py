@@ -15,6 +15,7 @@ from vllm.model_executor.parameter import (
 )
 
 from vllm_aser import format as fmt
+from vllm_aser.kernels.hadamard import block_hadamard_unscaled, kronecker_factors, native_hadamard_available
 from vllm_aser.kernels.reference import unpack_int
 from vllm_aser.kernels.select import select_kernel
 from vllm_aser.parameters import LowRankDownParameter, LowRankUpParameter, SiblingSharedParameter
@@ -22,10 +23,11 @@ from vllm_aser.parameters import LowRankDownParameter, LowRankUpParameter, Sibli
 
 @register_weight_loader_v2_supported_method
 class ASERLinearMethod(LinearMethodBase):
-    def __init__(self, spec: fmt.ASERQuantConfig, ranks: list[int], prefix: str):
+    def __init__(self, spec: fmt.ASERQuantConfig, ranks: list[int], prefix: str, hadamard: int = 0):
         self.spec = spec
         self.ranks = ranks  # one per fused sub-layer
         self.prefix = prefix
+        self.hadamard = hadamard  # input Hadamard block, 0: the input is not rotated
         self.kernel = select_kernel()
 
     def create_weights(
@@ -52,6 +54,12 @@ class ASERLinearMethod(LinearMethodBase):
             raise ValueError(
                 f"{self.prefix}: {in_part} input features per tensor-parallel rank is not a multiple of "
                 f"{spec.pack_factor} (int{spec.weight_bits} packing): use a smaller --tensor-parallel-size"
+            )
+        if self.hadamard and in_part % self.hadamard:
+            raise ValueError(
+                f"{self.prefix}: {in_part} input features per tensor-parallel rank is not a multiple of the layer's "
+                f"input Hadamard block {self.hadamard} (each rank rotates whole blocks of its own input): use a "
+                "smaller --tensor-parallel-size"
             )
         group = spec.weight_group_size
         if sharded_input and group != -1 and in_part % group:
@@ -143,6 +151,13 @@ class ASERLinearMethod(LinearMethodBase):
         q = unpack_int(layer.weight_packed.data, spec.weight_bits, layer.aser_in_features)
         scale = layer.weight_scale.data
         inv_smooth = 1.0 / layer.smooth_scale.data
+        if self.hadamard:  # apply() rotates by the +-1 matrix; its 1/sqrt(b) joins the smoothing
+            inv_smooth = inv_smooth / self.hadamard**0.5
+            layer.aser_hadamard_native = native_hadamard_available(inv_smooth.device)
+            left, right = kronecker_factors(self.hadamard)
+            dtype, device = layer.aser_act_dtype, inv_smooth.device
+            layer.register_buffer("aser_hadamard_left", left.to(device, dtype), persistent=False)
+            layer.register_buffer("aser_hadamard_right", right.to(device, dtype), persistent=False)
         down = getattr(layer, fmt.LOWRANK_DOWN, None)
         up = getattr(layer, fmt.LOWRANK_UP, None)
         down = None if down is None else down.data
@@ -153,4 +168,9 @@ class ASERLinearMethod(LinearMethodBase):
                 delattr(layer, name)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.hadamard:
+            if layer.aser_hadamard_native:  # a butterfly per block (b log b adds), one pass over x
+                x = torch.ops.aser_cpu.hadamard(x.reshape(-1, x.shape[-1]), self.hadamard).reshape(x.shape)
+            else:  # two small +-1 GEMMs (CUDA; a CPU without the native extension)
+                x = block_hadamard_unscaled(x, layer.aser_hadamard_left, layer.aser_hadamard_right)
         return self.kernel.apply(layer, x, bias)

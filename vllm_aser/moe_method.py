@@ -81,6 +81,11 @@ class ASERMoEMethod(FusedMoEMethodBase):
                                                                    and inter % spec.weight_group_size)):
             raise ValueError(f"{self.prefix}: {inter} intermediate features per tensor-parallel rank does not split "
                              "the int4 packing or the weight groups: use a smaller --tensor-parallel-size")
+        rotated = sorted(n for n in spec.input_hadamard if n.startswith(self.prefix + "."))
+        if rotated:
+            raise fmt.FormatError(f"{self.prefix}: expert {rotated[0]} rotates its input at run time "
+                                  "(input_hadamard), which the ASER MoE method does not run: re-quantize the model "
+                                  "with --mlp-hadamard none")
         ranks = expert_ranks(spec, self.prefix, num_experts)
         self.ranks = ranks
         self.tp_rank, self.tp_size = parallel.tp_rank, parallel.tp_size

@@ -353,6 +353,49 @@ torch::Tensor w4a8_linear(const torch::Tensor& x_in, const torch::Tensor& w, con
 
 int64_t best_isa() { return detect_isa(); }
 
+// The online input rotation (vllm_aser/kernels/hadamard.py): y = x blockdiag(H_b), unscaled (the layer's smoothing
+// scale carries the 1/sqrt(b)), H_b the Sylvester matrix. An in-place butterfly per block in float32, rounded once
+// to x's dtype: b log2(b) additions where a dense block would take b^2 multiply-adds.
+template <typename T>
+void hadamard_rows(const T* x, T* y, int64_t m0, int64_t m1, int64_t K, int64_t block) {
+  std::vector<float> buf(block);
+  for (int64_t m = m0; m < m1; ++m) {
+    for (int64_t k0 = 0; k0 < K; k0 += block) {
+      const T* src = x + m * K + k0;
+      for (int64_t j = 0; j < block; ++j) buf[j] = static_cast<float>(src[j]);
+      for (int64_t h = 1; h < block; h *= 2) {
+        for (int64_t i = 0; i < block; i += 2 * h) {
+          float* lo = buf.data() + i;
+          float* hi = lo + h;
+          for (int64_t j = 0; j < h; ++j) {
+            const float a = lo[j], b = hi[j];
+            lo[j] = a + b;
+            hi[j] = a - b;
+          }
+        }
+      }
+      T* dst = y + m * K + k0;
+      for (int64_t j = 0; j < block; ++j) dst[j] = static_cast<T>(buf[j]);
+    }
+  }
+}
+
+torch::Tensor hadamard(const torch::Tensor& x_in, int64_t block) {
+  TORCH_CHECK(x_in.dim() == 2, "aser hadamard: x must be 2-D");
+  TORCH_CHECK(block >= 2 && (block & (block - 1)) == 0, "aser hadamard: block must be a power of two >= 2");
+  const torch::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K % block == 0, "aser hadamard: ", K, " features are not a multiple of the block ", block);
+  auto y = torch::empty_like(x);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "aser_hadamard", [&] {
+    at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
+      hadamard_rows(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), m0, m1, K, block);
+    });
+  });
+  return y;
+}
+
 }  // namespace aser_w4a8
 
 TORCH_LIBRARY(aser_cpu, m) {
@@ -360,9 +403,13 @@ TORCH_LIBRARY(aser_cpu, m) {
   m.def(
       "w4a8_linear(Tensor x, Tensor w, Tensor w_scale, int group_size, Tensor? inv_smooth, Tensor? down, "
       "Tensor? up, Tensor? bias, int n_out, int act_bits, int isa) -> Tensor");
+  m.def("hadamard(Tensor x, int block) -> Tensor");
 }
 
 // a CPU kernel (not a composite one), so that torch.compile can take the fake implementation registered in Python
-TORCH_LIBRARY_IMPL(aser_cpu, CPU, m) { m.impl("w4a8_linear", &aser_w4a8::w4a8_linear); }
+TORCH_LIBRARY_IMPL(aser_cpu, CPU, m) {
+  m.impl("w4a8_linear", &aser_w4a8::w4a8_linear);
+  m.impl("hadamard", &aser_w4a8::hadamard);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "ASER W4A8 CPU kernel (ops in torch.ops.aser_cpu)"; }

@@ -36,6 +36,8 @@ def extension_status() -> tuple[bool, str]:
                        "(`pip install --no-build-isolation -e .`, as scripts/setup_cpu_env.sh does)")
     # shapes for torch.compile: vLLM traces the model with fake tensors, the op stays one opaque call
     torch.library.register_fake("aser_cpu::w4a8_linear")(_w4a8_linear_fake)
+    if hasattr(torch.ops.aser_cpu, "hadamard"):
+        torch.library.register_fake("aser_cpu::hadamard")(lambda x, block: torch.empty_like(x))
     return True, ""
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
+from vllm_aser.kernels.hadamard import block_hadamard
+
 
 def pack_int(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Signed integers [out, in] (int8 storage) -> compressed-tensors int32 layout [out, ceil(in*bits/32)]."""
@@ -48,12 +50,14 @@ def aser_linear(
     up: torch.Tensor | None,
     bias: torch.Tensor | None,
     act_bits: int,
+    hadamard: int = 0,
 ) -> torch.Tensor:
     """y = Q_a(x / s) @ W_deq^T + ((x / s) @ down^T) @ up^T + bias, computed in float32.
 
-    `weight` is the dequantized int weight [out, in] (float32); `inv_smooth` is 1 / smooth_scale.
+    `weight` is the dequantized int weight [out, in] (float32); `inv_smooth` is 1 / smooth_scale; `hadamard` > 0
+    rotates x first (x blockdiag(H_b) / sqrt(b), the artifact's `input_hadamard`).
     """
-    xf = x.float()
+    xf = x.float() if not hadamard else block_hadamard(x, hadamard)
     if inv_smooth is not None:
         xf = xf * inv_smooth.float()
     y = (fake_quantize_per_token(xf, act_bits) if act_bits < 16 else xf) @ weight.t()  # 16: unquantized
