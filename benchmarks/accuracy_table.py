@@ -148,6 +148,12 @@ def rotation_rows() -> list[Row]:
             "(`--rank-weight fisher`)", "--method", "aser", *rot, *no_fit, "--rank-weight", "fisher"),
         row("rot-aser-r16", "`aser` rank 16 everywhere, rotated (uniform ranks at about the budget)", "--method",
             "aser", "--rank", "16", *rot, *no_fit),
+        row("rot4-aser-b3", "`aser` budget 3%, rotated, and down_proj's input rotated online (Hadamard blocks of "
+            "512, `--mlp-hadamard 512`)", "--method", "aser", *rot, *no_fit, "--mlp-hadamard", "512"),
+        row("rot4-aser-b3-h64", "`aser` budget 3%, rotated, down_proj's input rotated online in blocks of 64",
+            "--method", "aser", *rot, *no_fit, "--mlp-hadamard", "64"),
+        row("rot4-g128-aser-b3", "`aser` group 128 budget 3%, rotated, down_proj's input rotated online (blocks of "
+            "512)", "--method", "aser", *g, *rot, *no_fit, "--mlp-hadamard", "512", baseline="g128-rtn"),
     ]
 
 
@@ -207,7 +213,7 @@ def resolved_options(row: Row) -> dict | None:
 # Options added after rows were cached, each with the value that reproduces the behaviour from before it
 # existed: a cached row without the option still matches a row that resolves to that value.
 ADDED_OPTIONS = {"rotate": "none", "fit_target": "layer", "moe_min_tokens": None, "device": "auto",
-                 "rank_weight": "relative"}
+                 "rank_weight": "relative", "mlp_hadamard": "none"}
 # Option values that resolve to another on the table's model: SmolLM2's blocks are rotatable, so auto is hadamard
 RESOLVED_ON_SMOLLM2 = {"rotate": {"auto": "hadamard"}}
 

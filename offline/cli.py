@@ -133,6 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     report = summary.report
     if report["provenance"].get("rotation_refused"):
         print(f"rotation: not applied (--rotate auto): {report['provenance']['rotation_refused']}", file=sys.stderr)
+    mlp_rotation = report["provenance"].get("mlp_rotation")
+    if mlp_rotation:
+        print(f"MLP rotation: {mlp_rotation['layers']} down_proj input(s) rotated at run time in Hadamard blocks of "
+              f"{mlp_rotation['hadamard_block']} (format_version 2: needs this vllm-aser or newer to serve)",
+              file=sys.stderr)
+    elif opts.mlp_hadamard == "auto" and report["provenance"].get("mlp_rotation_refused"):
+        print(f"MLP rotation: not applied (--mlp-hadamard auto): {report['provenance']['mlp_rotation_refused']}",
+              file=sys.stderr)
     for entry in report.get("unquantized", []):
         print(f"kept in full precision: {entry['name']} {entry['shape']}: {entry['reason']}", file=sys.stderr)
     moe = report.get("moe")

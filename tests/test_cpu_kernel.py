@@ -230,3 +230,29 @@ def test_cuda_kernel_refuses_8bit_weights_by_name():
     q = torch.randint(-100, 100, (16, 32), dtype=torch.int8)
     with pytest.raises(ValueError, match=r"model\.layers\.3\.mlp\.down_proj: the cuda kernel runs int4 weights only"):
         CUDAKernel().prepare(layer, q, torch.ones(16, 1), torch.ones(32), None, None, -1)
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if p != "fallback"], indirect=True)
+@pytest.mark.parametrize("m", [1, 7, 33])
+@pytest.mark.parametrize("n,k,block,group", [(37, 72, 8, -1), (50, 136, 8, 8), (17, 304, 16, -1), (24, 40, 2, -1),
+                                             (64, 1536, 512, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_kernel_fuses_the_input_rotation(path, m, n, k, block, group, dtype):
+    """The layer's online Hadamard (input_hadamard) inside the kernel's activation pass, against the reference that
+    rotates x in float32 first; the plugin hands the kernel inv_smooth / sqrt(b), as the linear method does."""
+    from vllm_aser.kernels.reference import aser_linear, dequantize_weight
+    from vllm_aser.kernels.select import CPUKernel
+
+    q, scale, inv_smooth, down, up, bias, x = _case(m, n, k, group, 8, True, dtype)
+    ref = aser_linear(x, dequantize_weight(q, scale, group), inv_smooth, down, up, bias, 8, hadamard=block)
+    kernel = CPUKernel()
+    layer = torch.nn.Module()
+    layer.aser_act_dtype, layer.aser_out_features, layer.aser_act_bits = dtype, n, 8
+    layer.aser_weight_bits, layer.aser_hadamard = 4, block
+    layer.bias = torch.nn.Parameter(bias, requires_grad=False)
+    kernel.prepare(layer, q, scale, inv_smooth / block**0.5, down, up, group)
+    assert layer.aser_cpu_path == "native" and layer.aser_hadamard_fused
+    out = kernel.apply(layer, x, bias)
+    assert sqnr_db(ref.float(), out.float()) > (60 if dtype == torch.bfloat16 else 80)
+    unrotated = aser_linear(x, dequantize_weight(q, scale, group), inv_smooth, down, up, bias, 8)
+    assert sqnr_db(unrotated.float(), out.float()) < 20  # the rotation is not a no-op on these inputs

@@ -183,3 +183,13 @@ def test_native_butterfly_matches_the_oracle(rows, block, width, dtype, rtol):
                                torch.ops.aser_cpu.hadamard(wide[:, ::2].contiguous(), block))
     with pytest.raises(RuntimeError, match="not a multiple of the block"):
         torch.ops.aser_cpu.hadamard(torch.zeros(2, block + 1), block)
+
+
+def test_a_tensor_parallel_slice_that_splits_a_block_is_refused_at_load():
+    from vllm_aser.linear_method import ASERLinearMethod
+
+    spec = fmt.ASERQuantConfig(ranks={"m.down_proj": 8}, input_hadamard={"m.down_proj": 16}, format_version=2)
+    method = ASERLinearMethod(spec, [8], "m.down_proj", 16)
+    with pytest.raises(ValueError, match="152 input features per tensor-parallel rank is not a multiple of the "
+                                         "layer's input Hadamard block 16"):
+        method.create_weights(torch.nn.Module(), 152, [128], 304, 128, torch.float32, weight_loader=None)

@@ -162,13 +162,14 @@ class ASERLinearMethod(LinearMethodBase):
         up = getattr(layer, fmt.LOWRANK_UP, None)
         down = None if down is None else down.data
         up = None if up is None else up.data
+        layer.aser_hadamard = self.hadamard
         self.kernel.prepare(layer, q, scale, inv_smooth, down, up, spec.weight_group_size)
         for name in fmt.ALL_SUFFIXES:
             if hasattr(layer, name):
                 delattr(layer, name)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.hadamard:
+        if self.hadamard and not getattr(layer, "aser_hadamard_fused", False):
             if layer.aser_hadamard_native:  # a butterfly per block (b log b adds), one pass over x
                 x = torch.ops.aser_cpu.hadamard(x.reshape(-1, x.shape[-1]), self.hadamard).reshape(x.shape)
             else:  # two small +-1 GEMMs (CUDA; a CPU without the native extension)

@@ -3,6 +3,8 @@
 //
 //   y = s_x * sum_g s_w[n, g] * (x_q . w_q)_g + (x~ @ down^T) @ up^T + bias,   x~ = x * inv_smooth,
 //   x_q = clamp(round(x~ / s_x), +-qmax),   s_x = max|x~| / qmax   (per token, as the reference kernel).
+// With `hadamard` = b > 0 each row is first rotated, x -> x blockdiag(H_b) (the layer's online input rotation,
+// vllm_aser/kernels/hadamard.py; the 1/sqrt(b) is in inv_smooth), by a butterfly in float32 in the same pass.
 //
 // Weight layout (made by `pack_weight` in vllm_aser/kernels/cpu_w4a8.py): codes stored offset-binary (w + 8,
 // 0..15), so that they are the unsigned operand of u8 x s8 dot products, in blocks of 16 output channels x 8 input
@@ -49,6 +51,7 @@ int64_t detect_isa() {
 
 struct ActivationPass {
   int64_t M, K, Kp, G, group, rank, qmax;
+  int64_t hadamard;         // > 0: rotate each row first, x blockdiag(H_b) (Sylvester, unscaled), b = hadamard
   const float* inv_smooth;  // [K] or nullptr
   const void* down;         // [K, rank] (transposed; rank padded to a multiple of 16) or nullptr
   int lowrank_type;         // LowRankType of down and up
@@ -118,6 +121,7 @@ struct GemmArgs {
   }                                                                                                                \
   inline VF vf_mul(VF a, VF b) { return _mm512_mul_ps(a, b); }                                                     \
   inline VF vf_add(VF a, VF b) { return _mm512_add_ps(a, b); }                                                     \
+  inline VF vf_sub(VF a, VF b) { return _mm512_sub_ps(a, b); }                                                     \
   inline VF vf_div(VF a, VF b) { return _mm512_div_ps(a, b); }                                                     \
   inline VF vf_fmadd(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }                                        \
   inline VF vf_max(VF a, VF b) { return _mm512_max_ps(a, b); }                                                     \
@@ -196,6 +200,7 @@ inline void vf_store(c10::Half* p, VF v) {
 }
 inline VF vf_mul(VF a, VF b) { return _mm256_mul_ps(a, b); }
 inline VF vf_add(VF a, VF b) { return _mm256_add_ps(a, b); }
+inline VF vf_sub(VF a, VF b) { return _mm256_sub_ps(a, b); }
 inline VF vf_div(VF a, VF b) { return _mm256_div_ps(a, b); }
 inline VF vf_fmadd(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
 inline VF vf_max(VF a, VF b) { return _mm256_max_ps(a, b); }
@@ -281,7 +286,8 @@ void run(int64_t isa, const T* x, const ActivationPass& p, const GemmArgs& a, T*
 torch::Tensor w4a8_linear(const torch::Tensor& x_in, const torch::Tensor& w, const torch::Tensor& w_scale,
                           int64_t group_size, const c10::optional<torch::Tensor>& inv_smooth,
                           const c10::optional<torch::Tensor>& down, const c10::optional<torch::Tensor>& up,
-                          const c10::optional<torch::Tensor>& bias, int64_t n_out, int64_t act_bits, int64_t isa) {
+                          const c10::optional<torch::Tensor>& bias, int64_t n_out, int64_t act_bits, int64_t isa,
+                          int64_t hadamard) {
   TORCH_CHECK(x_in.dim() == 2, "aser w4a8: x must be 2-D");
   const torch::Tensor x = x_in.contiguous();
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 3 && w.size(2) == kBlockBytes && w.is_contiguous(),
@@ -290,6 +296,8 @@ torch::Tensor w4a8_linear(const torch::Tensor& x_in, const torch::Tensor& w, con
               "aser w4a8: weight scale must be float32 [N/16, groups, 16]");
   TORCH_CHECK(isa >= kAvx2 && isa <= detect_isa(), "aser w4a8: ISA path ", isa, " is not available on this CPU");
   TORCH_CHECK(act_bits >= 2 && act_bits <= 8, "aser w4a8: act_bits must be in 2..8");
+  TORCH_CHECK(hadamard == 0 || (hadamard >= 2 && (hadamard & (hadamard - 1)) == 0 && x.size(1) % hadamard == 0),
+              "aser w4a8: hadamard must be 0 or a power of two >= 2 dividing K = ", x.size(1), ", got ", hadamard);
   const int64_t M = x.size(0), K = x.size(1), Nb = w.size(0), Kb = w.size(1), G = w_scale.size(1);
   const int64_t Kp = Kb * kBlockK;
   TORCH_CHECK(Kp >= K && Kp - K < kBlockK, "aser w4a8: weight has ", Kp, " input channels for K = ", K);
@@ -325,7 +333,7 @@ torch::Tensor w4a8_linear(const torch::Tensor& x_in, const torch::Tensor& w, con
   auto out = torch::empty({M, n_out}, x.options());
   const void* down_p = rank ? down->data_ptr() : nullptr;
   const void* up_p = rank ? up->data_ptr() : nullptr;
-  ActivationPass p{M, K, Kp, G, group, rank, (int64_t{1} << (act_bits - 1)) - 1,
+  ActivationPass p{M, K, Kp, G, group, rank, (int64_t{1} << (act_bits - 1)) - 1, hadamard,
                    inv_smooth.has_value() ? inv_smooth->data_ptr<float>() : nullptr, down_p, lowrank_type,
                    xq.data_ptr<int8_t>(), x_scale.data_ptr<float>(), x_sum.data_ptr<int32_t>(), t.data_ptr<float>()};
   GemmArgs a{w.data_ptr<uint8_t>(), w_scale.data_ptr<float>(), up_p,
@@ -402,7 +410,7 @@ TORCH_LIBRARY(aser_cpu, m) {
   m.def("best_isa() -> int", &aser_w4a8::best_isa);
   m.def(
       "w4a8_linear(Tensor x, Tensor w, Tensor w_scale, int group_size, Tensor? inv_smooth, Tensor? down, "
-      "Tensor? up, Tensor? bias, int n_out, int act_bits, int isa) -> Tensor");
+      "Tensor? up, Tensor? bias, int n_out, int act_bits, int isa, int hadamard=0) -> Tensor");
   m.def("hadamard(Tensor x, int block) -> Tensor");
 }
 

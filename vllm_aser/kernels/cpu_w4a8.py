@@ -41,7 +41,7 @@ def extension_status() -> tuple[bool, str]:
     return True, ""
 
 
-def _w4a8_linear_fake(x, w, w_scale, group_size, inv_smooth, down, up, bias, n_out, act_bits, isa):
+def _w4a8_linear_fake(x, w, w_scale, group_size, inv_smooth, down, up, bias, n_out, act_bits, isa, hadamard=0):
     return x.new_empty((x.shape[0], n_out))
 
 

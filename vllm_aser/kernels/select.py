@@ -55,6 +55,8 @@ class CPUKernel:
             for name in ("weight", "scale", "down", "up", "bias"):
                 _keep(layer, f"aser_native_{name}", getattr(packed, name))
             _keep(layer, "aser_inv_smooth", None if is_identity else inv_smooth.float().contiguous())
+            # the layer's online input rotation runs inside the kernel's activation pass
+            layer.aser_hadamard_fused = bool(getattr(layer, "aser_hadamard", 0))
             _log_path_once("cpu", "native", cpu_w4a8.cpu_isa()[1])
             return
         qmax = int8_weight_max()
@@ -96,7 +98,7 @@ class CPUKernel:
                 x.reshape(-1, shape[-1]), layer.aser_native_weight, layer.aser_native_scale, layer.aser_group,
                 layer.aser_inv_smooth, layer.aser_native_down, layer.aser_native_up,
                 layer.aser_native_bias if fused_bias else None, layer.aser_out_features, layer.aser_act_bits,
-                layer.aser_isa,
+                layer.aser_isa, layer.aser_hadamard if layer.aser_hadamard_fused else 0,
             )
             if bias is not None and not fused_bias:
                 out = out + bias
