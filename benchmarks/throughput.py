@@ -6,7 +6,7 @@ vLLM's in-tree support) and the ASER W4A8 model; then runs `vllm bench throughpu
 for each at several input/output lengths, and records tokens/s, the ratio to BF16 of the same run, the weight
 bytes on disk and the engine start-up time. Writes docs/throughput/{results.json,THROUGHPUT.md,throughput.png}.
 
-    python benchmarks/throughput.py [--models smollm2 llama-1b-random qwen3-moe-random] [--only aser,bf16]
+    python benchmarks/throughput.py [--models smollm2 llama-1b-random qwen3-moe-random] [--only aser,bf16] [--out DIR]
 
 The random Qwen3-MoE (benchmarks/random_moe.py) runs BF16 and ASER only.
 """
@@ -36,7 +36,10 @@ METHODS = {  # name -> aser-quantize options (None: the unquantized model itself
     "w8a8": [*FAST_RTN, "--w-bits", "8", "--a-bits", "8", "--export", "compressed-tensors"],
     "w4a16": [*FAST_RTN, "--w-bits", "4", "--a-bits", "16", "--export", "compressed-tensors"],
     "aser": [],  # the defaults: ASER W4A8, 3% low-rank budget (SmolLM2: the quickstart's artifact when present)
+    # the defaults plus down_proj's input rotated online (the cost of the runtime Hadamard, against `aser`)
+    "aser-mlp-hadamard": ["--mlp-hadamard", "auto"],
 }
+ABLATIONS = ("aser-mlp-hadamard",)  # run only when --only names them
 # vLLM's CPU build has no compressed-tensors int8/int4 MoE method: the MoE model compares ASER with BF16 only
 MODEL_METHODS = {"qwen3-moe-random": ("bf16", "aser")}
 # vLLM's CPU build serves compressed-tensors int4 in BF16 through an AMX int4 x int8 kernel when the CPU has AMX
@@ -60,8 +63,8 @@ def weight_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
 
 
-def prepare(model: str, assets: dict, cache: Path, log: Path) -> dict[str, Path]:
-    """Model directories per method, quantized once and cached."""
+def prepare(model: str, assets: dict, cache: Path, log: Path, methods: list[str]) -> dict[str, Path]:
+    """Model directories of the asked methods, quantized once and cached."""
     if model == "smollm2":
         source, calib, extra = Path(assets["model"]), assets["calib"], []
     else:
@@ -76,7 +79,7 @@ def prepare(model: str, assets: dict, cache: Path, log: Path) -> dict[str, Path]
         extra = ["--num-samples", "8", "--seq-len", "256", "--base", "rtn", "--clip", "minmax"]
     dirs = {}
     for method, options in METHODS.items():
-        if method not in MODEL_METHODS.get(model, METHODS):
+        if method not in MODEL_METHODS.get(model, METHODS) or method not in methods:
             continue
         if options is None:
             dirs[method] = source
@@ -146,7 +149,7 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict) -> None:
+def plot(results: dict, out_dir: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,17 +175,19 @@ def plot(results: dict) -> None:
         ax.set_title(f"{model}\n{results[model].get('machine', '')}", fontsize=9)
         ax.legend(loc="upper center", ncol=len(methods), fontsize=8)
     fig.tight_layout()
-    fig.savefig(OUT_DIR / "throughput.png")
+    fig.savefig(out_dir / "throughput.png")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="*", default=["smollm2"], choices=["smollm2", "llama-1b-random", "qwen3-moe-random"])
     p.add_argument("--only", help="comma-separated methods (default: all of " + ", ".join(METHODS) + ")")
+    p.add_argument("--out", default=str(OUT_DIR),
+                   help="where results.json, THROUGHPUT.md and the plot go (rows are merged into results.json)")
     p.add_argument("--workloads", choices=list(WORKLOAD_SETS), default="batch",
                    help="batch: 128/128 x 64 and 1024/16 x 32; single: 128/128 x 4 one request at a time; all")
     args = p.parse_args(argv)
-    methods = args.only.split(",") if args.only else list(METHODS)
+    methods = args.only.split(",") if args.only else [m for m in METHODS if m not in ABLATIONS]
     if unknown := [m for m in methods if m not in METHODS]:
         p.error(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
     assets = json.loads(subprocess.run([sys.executable, "examples/prepare_assets.py"], cwd=ROOT, check=True,
@@ -190,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     cache = Path(assets["model"]).parents[1] / "bench"
     cache.mkdir(parents=True, exist_ok=True)
     log = cache / "throughput.log"
-    results_file = OUT_DIR / "results.json"
+    out_dir = Path(args.out)
+    results_file = out_dir / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     import vllm
 
@@ -200,9 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     results.pop("_machine", None)  # per model since the machine can differ between sessions
     machine = describe_machine()
     results["_vllm"] = vllm.__version__
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     for model in args.models:
-        dirs = prepare(model, assets, cache, log)
+        dirs = prepare(model, assets, cache, log, methods)
         entry = results.setdefault(model, {"runs": {}, "weight_bytes": {}})
         if entry.get("machine") != machine:  # rows from another CPU are not comparable: start afresh
             entry.update(runs={}, weight_bytes={}, machine=machine)
@@ -215,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
                                            METHOD_ENV.get((model, method)))
                 print(f"  {entry['runs'][key]['tokens_per_s']:.1f} tokens/s", flush=True)
                 results_file.write_text(json.dumps(results, indent=2) + "\n")
-    (OUT_DIR / "THROUGHPUT.md").write_text(render(results))
-    plot(results)
-    print(f"wrote {OUT_DIR / 'THROUGHPUT.md'}")
+    (out_dir / "THROUGHPUT.md").write_text(render(results))
+    plot(results, out_dir)
+    print(f"wrote {out_dir / 'THROUGHPUT.md'}")
     return 0
 
 

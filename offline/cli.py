@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rotate down_proj's input at run time by block-diagonal Walsh-Hadamard transforms of order B "
                    "(a power of two; QuaRot's online R4), its inverse folded into the weights: spreads the MLP's "
                    "inner outliers before int4/int8 quantization for a small cost at serving. auto: with the "
-                   "residual rotation, the largest power of two dividing the MLP width, at most 512 (each "
-                   "tensor-parallel rank must hold whole blocks); gated MLPs only (MoE experts are not rotated)")
+                   "residual rotation and per-channel weights (group scales measured worse with it), the largest "
+                   "power of two dividing the MLP width, at most 512 (each tensor-parallel rank must hold whole "
+                   "blocks); gated MLPs only (MoE experts are not rotated)")
     p.add_argument("--fit-target", choices=FIT_TARGETS, default=defaults.fit_target,
                    help="what GPTQ and the low-rank branch fit: layer (each layer's own weight on the quantized "
                    "model's inputs) or model (the full-precision model's outputs, from a second calibration "

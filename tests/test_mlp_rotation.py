@@ -191,5 +191,14 @@ def test_a_tensor_parallel_slice_that_splits_a_block_is_refused_at_load():
     spec = fmt.ASERQuantConfig(ranks={"m.down_proj": 8}, input_hadamard={"m.down_proj": 16}, format_version=2)
     method = ASERLinearMethod(spec, [8], "m.down_proj", 16)
     with pytest.raises(ValueError, match="152 input features per tensor-parallel rank is not a multiple of the "
-                                         "layer's input Hadamard block 16"):
+                                         "layer's input Hadamard block 16.*--mlp-hadamard 8"):
         method.create_weights(torch.nn.Module(), 152, [128], 304, 128, torch.float32, weight_loader=None)
+
+
+def test_auto_leaves_group_wise_weights_unrotated_and_says_why(tiny_llama, calib_text, tmp_path):
+    out = quantize(tiny_llama, tmp_path / "g64", calib_text, rank=8, group_size=64, rotate="hadamard",
+                   mlp_hadamard="auto")
+    cfg = fmt.read_quant_config(out)
+    assert cfg.input_hadamard == {} and cfg.format_version == 1  # still loadable by plugins without the rotation
+    provenance = json.loads((out / fmt.REPORT_FILENAME).read_text())["provenance"]
+    assert provenance["mlp_rotation"] is None and "group-wise weight scales" in provenance["mlp_rotation_refused"]

@@ -56,10 +56,11 @@ class ASERLinearMethod(LinearMethodBase):
                 f"{spec.pack_factor} (int{spec.weight_bits} packing): use a smaller --tensor-parallel-size"
             )
         if self.hadamard and in_part % self.hadamard:
+            fits = in_part & -in_part  # the largest power of two dividing the slice
             raise ValueError(
                 f"{self.prefix}: {in_part} input features per tensor-parallel rank is not a multiple of the layer's "
                 f"input Hadamard block {self.hadamard} (each rank rotates whole blocks of its own input): use a "
-                "smaller --tensor-parallel-size"
+                f"smaller --tensor-parallel-size, or re-quantize with --mlp-hadamard {fits if fits >= 2 else 'none'}"
             )
         group = spec.weight_group_size
         if sharded_input and group != -1 and in_part % group:
