@@ -128,8 +128,10 @@ def rotation_rows() -> list[Row]:
     each alone and together, on the GPTQ + clipped-scales base (issue 18)."""
     sec = ("Rotation (`--rotate hadamard`) and the full-precision fit target (`--fit-target model`), GPTQ + "
            "clipped scales unless noted")
-    rot, fit = ("--rotate", "hadamard"), ("--fit-target", "model")
+    # the residual rotation alone: down_proj's online rotation pinned off (the rot4- rows add it)
+    rot, fit = ("--rotate", "hadamard", "--mlp-hadamard", "none"), ("--fit-target", "model")
     no_rot, no_fit = ("--rotate", "none"), ("--fit-target", "layer")
+    r4 = ("--rotate", "hadamard")
     g = ("--group-size", "128")
 
     def row(rid, label, *args, baseline="w4a8-rtn"):
@@ -142,18 +144,18 @@ def rotation_rows() -> list[Row]:
         row("fit-aser-b3", "`aser` budget 3%, full-precision target (not rotated)", "--method", "aser", *no_rot, *fit),
         row("rot-g128-aser-b3", "`aser` group 128 budget 3%, rotated", "--method", "aser", *g, *rot, *no_fit,
             baseline="g128-rtn"),
-        Row("rot-aser-r64", sec, "`aser` rank 64, rotated (the defaults at a fixed rank; for the rank curve)",
+        Row("rot-aser-r64", sec, "`aser` rank 64, rotated, no MLP rotation (the defaults before `--mlp-hadamard` at a fixed rank; for the rank curve)",
             ("--method", "aser", "--rank", "64", *rot, *no_fit), keep=True, curve="aser (defaults)"),
         row("rot-aser-b3-fisher", "`aser` budget 3%, rotated, ranks weighted by output sensitivity "
             "(`--rank-weight fisher`)", "--method", "aser", *rot, *no_fit, "--rank-weight", "fisher"),
         row("rot-aser-r16", "`aser` rank 16 everywhere, rotated (uniform ranks at about the budget)", "--method",
             "aser", "--rank", "16", *rot, *no_fit),
         row("rot4-aser-b3", "`aser` budget 3%, rotated, and down_proj's input rotated online (Hadamard blocks of "
-            "512, `--mlp-hadamard 512`)", "--method", "aser", *rot, *no_fit, "--mlp-hadamard", "512"),
+            "512, `--mlp-hadamard 512`)", "--method", "aser", *r4, *no_fit, "--mlp-hadamard", "512"),
         row("rot4-aser-b3-h64", "`aser` budget 3%, rotated, down_proj's input rotated online in blocks of 64",
-            "--method", "aser", *rot, *no_fit, "--mlp-hadamard", "64"),
+            "--method", "aser", *r4, *no_fit, "--mlp-hadamard", "64"),
         row("rot4-g128-aser-b3", "`aser` group 128 budget 3%, rotated, down_proj's input rotated online (blocks of "
-            "512)", "--method", "aser", *g, *rot, *no_fit, "--mlp-hadamard", "512", baseline="g128-rtn"),
+            "512)", "--method", "aser", *g, *r4, *no_fit, "--mlp-hadamard", "512", baseline="g128-rtn"),
     ]
 
 
@@ -229,6 +231,9 @@ def is_cached(row: Row, results: dict) -> bool:
     resolved = resolved_options(row)
     for option, values in RESOLVED_ON_SMOLLM2.items():
         resolved[option] = values.get(resolved[option], resolved[option])
+    if resolved.get("mlp_hadamard") == "auto":  # what auto does on SmolLM2 (MLP width 1536)
+        applies = resolved["rotate"] == "hadamard" and resolved["group_size"] == -1 and resolved["export"] == "aser"
+        resolved["mlp_hadamard"] = "512" if applies else "none"
     return {**ADDED_OPTIONS, **rec.get("options", {})} == resolved
 
 
