@@ -152,27 +152,31 @@ class ASERLinearMethod(LinearMethodBase):
         q = unpack_int(layer.weight_packed.data, spec.weight_bits, layer.aser_in_features)
         scale = layer.weight_scale.data
         inv_smooth = 1.0 / layer.smooth_scale.data
-        if self.hadamard:  # apply() rotates by the +-1 matrix; its 1/sqrt(b) joins the smoothing
+        if self.hadamard:  # the +-1 transform's 1/sqrt(b) joins the smoothing
             inv_smooth = inv_smooth / self.hadamard**0.5
-            layer.aser_hadamard_native = native_hadamard_available(inv_smooth.device)
-            left, right = kronecker_factors(self.hadamard)
-            dtype, device = layer.aser_act_dtype, inv_smooth.device
-            layer.register_buffer("aser_hadamard_left", left.to(device, dtype), persistent=False)
-            layer.register_buffer("aser_hadamard_right", right.to(device, dtype), persistent=False)
         down = getattr(layer, fmt.LOWRANK_DOWN, None)
         up = getattr(layer, fmt.LOWRANK_UP, None)
         down = None if down is None else down.data
         up = None if up is None else up.data
         layer.aser_hadamard = self.hadamard
         self.kernel.prepare(layer, q, scale, inv_smooth, down, up, spec.weight_group_size)
+        # how apply() rotates the input, decided once: inside the kernel (the native CPU path says so in prepare),
+        # by the native butterfly op, or by two small +-1 GEMMs (CUDA; a CPU without the native extension)
+        layer.aser_rotate_input = None
+        if self.hadamard and not getattr(layer, "aser_hadamard_fused", False):
+            device = inv_smooth.device
+            layer.aser_rotate_input = "native" if native_hadamard_available(device) else "kronecker"
+            if layer.aser_rotate_input == "kronecker":
+                left, right = kronecker_factors(self.hadamard)
+                layer.register_buffer("aser_hadamard_left", left.to(device, layer.aser_act_dtype), persistent=False)
+                layer.register_buffer("aser_hadamard_right", right.to(device, layer.aser_act_dtype), persistent=False)
         for name in fmt.ALL_SUFFIXES:
             if hasattr(layer, name):
                 delattr(layer, name)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.hadamard and not getattr(layer, "aser_hadamard_fused", False):
-            if layer.aser_hadamard_native:  # a butterfly per block (b log b adds), one pass over x
-                x = torch.ops.aser_cpu.hadamard(x.reshape(-1, x.shape[-1]), self.hadamard).reshape(x.shape)
-            else:  # two small +-1 GEMMs (CUDA; a CPU without the native extension)
-                x = block_hadamard_unscaled(x, layer.aser_hadamard_left, layer.aser_hadamard_right)
+        if layer.aser_rotate_input == "native":  # a butterfly per block (b log b adds), one pass over x
+            x = torch.ops.aser_cpu.hadamard(x.reshape(-1, x.shape[-1]), self.hadamard).reshape(x.shape)
+        elif layer.aser_rotate_input == "kronecker":
+            x = block_hadamard_unscaled(x, layer.aser_hadamard_left, layer.aser_hadamard_right)
         return self.kernel.apply(layer, x, bias)
