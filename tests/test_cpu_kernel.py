@@ -234,8 +234,9 @@ def test_cuda_kernel_refuses_8bit_weights_by_name():
 
 @pytest.mark.parametrize("path", [p for p in PATHS if p != "fallback"], indirect=True)
 @pytest.mark.parametrize("m", [1, 7, 33])
+# blocks below, at and above the vector width (8 lanes on AVX2, 16 on AVX-512), with and without a lone last stage
 @pytest.mark.parametrize("n,k,block,group", [(37, 72, 8, -1), (50, 136, 8, 8), (17, 304, 16, -1), (24, 40, 2, -1),
-                                             (64, 1536, 512, 128)])
+                                             (31, 128, 64, 64), (29, 384, 128, -1), (64, 1536, 512, 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_kernel_fuses_the_input_rotation(path, m, n, k, block, group, dtype):
     """The layer's online Hadamard (input_hadamard) inside the kernel's activation pass, against the reference that

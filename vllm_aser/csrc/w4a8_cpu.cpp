@@ -124,6 +124,18 @@ struct GemmArgs {
   inline VF vf_sub(VF a, VF b) { return _mm512_sub_ps(a, b); }                                                     \
   inline VF vf_div(VF a, VF b) { return _mm512_div_ps(a, b); }                                                     \
   inline VF vf_fmadd(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }                                        \
+  /* the butterfly stages of spans 1, 2, 4, 8 inside one register: lo + hi in the low lanes, lo - hi in the    */ \
+  /* high ones, as v * (+1 | -1) + swapped(v): exact, so the same sums as the scalar stages                    */ \
+  inline VF vf_hadamard_lanes(VF v) {                                                                              \
+    v = _mm512_fmadd_ps(v, _mm512_setr_ps(1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1),                 \
+                        _mm512_permute_ps(v, 0xB1));                                                               \
+    v = _mm512_fmadd_ps(v, _mm512_setr_ps(1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1),                 \
+                        _mm512_permute_ps(v, 0x4E));                                                               \
+    v = _mm512_fmadd_ps(v, _mm512_setr_ps(1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1),                 \
+                        _mm512_shuffle_f32x4(v, v, 0xB1));                                                         \
+    return _mm512_fmadd_ps(v, _mm512_setr_ps(1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1),             \
+                           _mm512_shuffle_f32x4(v, v, 0x4E));                                                      \
+  }                                                                                                                \
   inline VF vf_max(VF a, VF b) { return _mm512_max_ps(a, b); }                                                     \
   inline VF vf_abs(VF a) { return _mm512_abs_ps(a); }                                                              \
   inline float vf_hmax(VF a) { return _mm512_reduce_max_ps(a); }                                                   \
@@ -203,6 +215,12 @@ inline VF vf_add(VF a, VF b) { return _mm256_add_ps(a, b); }
 inline VF vf_sub(VF a, VF b) { return _mm256_sub_ps(a, b); }
 inline VF vf_div(VF a, VF b) { return _mm256_div_ps(a, b); }
 inline VF vf_fmadd(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
+// the butterfly stages of spans 1, 2, 4 inside one register (see the AVX-512 helper)
+inline VF vf_hadamard_lanes(VF v) {
+  v = _mm256_fmadd_ps(v, _mm256_setr_ps(1, -1, 1, -1, 1, -1, 1, -1), _mm256_permute_ps(v, 0xB1));
+  v = _mm256_fmadd_ps(v, _mm256_setr_ps(1, 1, -1, -1, 1, 1, -1, -1), _mm256_permute_ps(v, 0x4E));
+  return _mm256_fmadd_ps(v, _mm256_setr_ps(1, 1, 1, 1, -1, -1, -1, -1), _mm256_permute2f128_ps(v, v, 1));
+}
 inline VF vf_max(VF a, VF b) { return _mm256_max_ps(a, b); }
 inline VF vf_abs(VF a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
 inline float vf_hmax(VF a) {
