@@ -156,6 +156,10 @@ def rotation_rows() -> list[Row]:
             "--method", "aser", *r4, *no_fit, "--mlp-hadamard", "64"),
         row("rot4-g128-aser-b3", "`aser` group 128 budget 3%, rotated, down_proj's input rotated online (blocks of "
             "512)", "--method", "aser", *g, *r4, *no_fit, "--mlp-hadamard", "512", baseline="g128-rtn"),
+        row("rot-aser-b3-refit", "`aser` budget 3%, rotated, scales refitted after rounding (`--refit-scales`)",
+            "--method", "aser", *rot, *no_fit, "--refit-scales"),
+        row("rot-g128-aser-b3-refit", "`aser` group 128 budget 3%, rotated, scales refitted after rounding",
+            "--method", "aser", *g, *rot, *no_fit, "--refit-scales", baseline="g128-rtn"),
     ]
 
 
@@ -215,7 +219,8 @@ def resolved_options(row: Row) -> dict | None:
 # Options added after rows were cached, each with the value that reproduces the behaviour from before it
 # existed: a cached row without the option still matches a row that resolves to that value.
 ADDED_OPTIONS = {"rotate": "none", "fit_target": "layer", "moe_min_tokens": None, "device": "auto",
-                 "rank_weight": "relative", "mlp_hadamard": "none"}
+                 "rank_weight": "relative", "mlp_hadamard": "none",
+                 "refit_scales": False}
 # Option values that resolve to another on the table's model: SmolLM2's blocks are rotatable, so auto is hadamard
 RESOLVED_ON_SMOLLM2 = {"rotate": {"auto": "hadamard"}}
 

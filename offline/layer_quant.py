@@ -17,7 +17,7 @@ from offline.gptq import quantize_gptq
 from offline.options import QuantizeOptions
 from offline.rank_allocation import energy_rank, pad_rank, provisional_budget_rank
 from offline.smoothing import outlier_channels, smoothing_scales
-from offline.weight_quant import quantization_error, quantize_rtn
+from offline.weight_quant import quantization_error, quantize_rtn, refit_scales
 from offline.whitening import (
     ActivationStats,
     LowRankSpectrum,
@@ -122,10 +122,14 @@ def _base_quantize(
         cut[name] = w.clone()
         cut[name][:, outliers] = 0.0
     importance = gram.diagonal().clamp(min=0) if opts.clip == "mse" else None
+    stacked = torch.cat(list(cut.values()))
     if opts.base == "rtn":
-        return {name: quantize_rtn(w, opts.w_bits, opts.group_size, importance) for name, w in cut.items()}
-    q, scale = quantize_gptq(torch.cat(list(cut.values())), gram, opts.w_bits, opts.group_size, opts.damp,
-                             opts.act_order, frozen=outliers, clip=opts.clip == "mse")
+        q, scale = quantize_rtn(stacked, opts.w_bits, opts.group_size, importance)
+    else:
+        q, scale = quantize_gptq(stacked, gram, opts.w_bits, opts.group_size, opts.damp, opts.act_order,
+                                 frozen=outliers, clip=opts.clip == "mse")
+    if opts.refit_scales:
+        scale = refit_scales(stacked, q, scale, gram, opts.group_size)
     out, row = {}, 0
     for name, w in cut.items():
         out[name] = (q[row:row + w.shape[0]], scale[row:row + w.shape[0]])

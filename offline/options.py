@@ -29,6 +29,7 @@ class QuantizeOptions:
     group_size: int = -1
     base: str = "gptq"
     act_order: bool = True
+    refit_scales: bool = False  # after rounding, each row's scales refitted to its output error
     clip: str = "mse"
     export: str = "aser"
     rank: int | None = None
