@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gptq: round columns in stored order instead of by decreasing Hessian diagonal")
     p.add_argument("--refit-scales", action="store_true", default=defaults.refit_scales,
                    help="after rounding, refit each row's (or group's) scales to minimize its output error on "
-                   "the calibration inputs, codes fixed (a least-squares step in the Gram matrix)")
+                   "the calibration inputs, codes fixed (a least-squares step in the Gram matrix); experimental: "
+                   "lower error on the calibration text, higher perplexity on held-out text (docs/ACCURACY.md)")
     rank = p.add_mutually_exclusive_group()
     rank.add_argument("--rank", type=int, help="fixed rank of every low-rank branch (padded to a multiple of 8)")
     rank.add_argument("--rank-energy", type=float,

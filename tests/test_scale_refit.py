@@ -53,3 +53,25 @@ def test_idle_groups_and_singular_rows_keep_their_scales():
     assert refitted[0, 1] == scale[0, 1]
     torch.testing.assert_close(refitted[:, 2], scale[:, 2])
     assert not torch.equal(refitted[:, 0], scale[:, 0])
+
+
+def test_refit_scales_in_the_pipeline(tiny_llama, calib_text, llama_aser_fp32, workdir):
+    """--refit-scales changes only the scales: same codes, recorded in the report, and the reference loads it."""
+    import json
+
+    from conftest import quantize
+    from safetensors.torch import load_file
+
+    from offline.simulate import load_reference_model
+    from vllm_aser import format as fmt
+
+    refit = quantize(tiny_llama, workdir / "llama-aser-refit", calib_text, rank_budget=15.0, dtype="float32",
+                     refit_scales=True)
+    report = json.loads((refit / fmt.REPORT_FILENAME).read_text())
+    assert report["provenance"]["options"]["refit_scales"] is True
+    name = "model.layers.0.mlp.down_proj"
+    plain_t, refit_t = (load_file(str(next(d.glob("*.safetensors")))) for d in (llama_aser_fp32, refit))
+    packed, scale = fmt.tensor_name(name, fmt.WEIGHT_PACKED), fmt.tensor_name(name, fmt.WEIGHT_SCALE)
+    assert torch.equal(plain_t[packed], refit_t[packed])
+    assert not torch.equal(plain_t[scale], refit_t[scale])
+    load_reference_model(refit)
