@@ -158,8 +158,14 @@ def rotation_rows() -> list[Row]:
             "512)", "--method", "aser", *g, *r4, *no_fit, "--mlp-hadamard", "512", baseline="g128-rtn"),
         row("rot-aser-b3-refit", "`aser` budget 3%, rotated, scales refitted after rounding (`--refit-scales`)",
             "--method", "aser", *rot, *no_fit, "--refit-scales"),
-        row("rot-g128-aser-b3-refit", "`aser` group 128 budget 3%, rotated, scales refitted after rounding",
-            "--method", "aser", *g, *rot, *no_fit, "--refit-scales", baseline="g128-rtn"),
+        # calibration set: the same 32k tokens in 16 windows of 2048 (the length scored) instead of 64 of 512,
+        # twice the tokens, and ten times the Gram damping
+        row("rot-aser-b3-ctx2048", "`aser` budget 3%, rotated, calibrated on 16 windows of 2048 tokens",
+            "--method", "aser", *rot, *no_fit, "--num-samples", "16", "--seq-len", "2048"),
+        row("rot-aser-b3-n128", "`aser` budget 3%, rotated, calibrated on 128 windows of 512 tokens",
+            "--method", "aser", *rot, *no_fit, "--num-samples", "128"),
+        row("rot-aser-b3-damp0.1", "`aser` budget 3%, rotated, Gram damping 0.1", "--method", "aser", *rot, *no_fit,
+            "--damp", "0.1"),
     ]
 
 

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rotate down_proj's input at run time by block-diagonal Walsh-Hadamard transforms of order B "
                    "(a power of two; QuaRot's online R4), its inverse folded into the weights: spreads the MLP's "
                    "inner outliers before int4/int8 quantization, at a cost at serving (SmolLM2 on a 2-core CPU: "
-                   "-0.8%% perplexity, -11%% prefill throughput; docs/ACCURACY.md); default none. auto: with the "
+                   "-0.8%% perplexity, -0.5 to -2.5%% vLLM throughput; docs/ACCURACY.md); default none. auto: with the "
                    "residual rotation and per-channel weights (group scales measured worse with it), the largest "
                    "power of two dividing the MLP width, at most 512 (each tensor-parallel rank must hold whole "
                    "blocks); gated MLPs only (MoE experts are not rotated)")
