@@ -9,7 +9,8 @@ Sources:
              temperature 1), as data-free quantization methods do: no text needed at all.
 
     python benchmarks/calibration_sources.py [--sources wiki-tail self] [--samples 80] [--length 560]
-Writes docs/accuracy/calibration_sources.json.
+                                             [--options="--mlp-hadamard 512"]
+Writes docs/accuracy/calibration_sources.json (one record per source and extra options).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def main() -> int:
     p.add_argument("--sources", nargs="*", default=list(SOURCES), choices=list(SOURCES))
     p.add_argument("--samples", type=int, default=80, help="self: sequences sampled")
     p.add_argument("--length", type=int, default=560, help="self: tokens per sequence")
+    p.add_argument("--options", default="", help="extra aser-quantize options, one string")
     args = p.parse_args()
     assets = json.loads(subprocess.run([sys.executable, "examples/prepare_assets.py", "--eval-text"], cwd=ROOT,
                                        check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
@@ -78,13 +80,14 @@ def main() -> int:
             SOURCES[name](assets, text, samples=args.samples, length=args.length)
             artifact = work / f"model-{name}"
             start = time.perf_counter()
-            subprocess.run(["aser-quantize", assets["model"], str(artifact), "--calib", str(text), "--quiet"],
-                           cwd=ROOT, check=True)
+            subprocess.run(["aser-quantize", assets["model"], str(artifact), "--calib", str(text), "--quiet",
+                            *args.options.split()], cwd=ROOT, check=True)
             seconds = time.perf_counter() - start
             scores = evaluate(artifact, assets["eval"], work, log)
-            results[name] = {"command": f"aser-quantize MODEL OUT --calib <{name}>", "quantize_seconds": seconds,
-                             "scores": scores}
-            print(f"{name}: " + ", ".join(f"{k} {v['ppl']:.2f}" for k, v in scores.items()), flush=True)
+            key = " ".join([name, *args.options.split()])
+            results[key] = {"command": " ".join(["aser-quantize MODEL OUT --calib", f"<{name}>", *args.options.split()]),
+                            "quantize_seconds": round(seconds, 1), "scores": scores}
+            print(f"{key}: " + ", ".join(f"{k} {v['ppl']:.2f}" for k, v in scores.items()), flush=True)
             OUT.write_text(json.dumps(results, indent=2) + "\n")
             shutil.rmtree(artifact)
     return 0
