@@ -87,8 +87,8 @@ def refit_scales(
     spans = [slice(k * size, min((k + 1) * size, in_features)) for k in range(n_groups)]
     # P_k = Q[:, group k] G[group k, :]: the k-th group's codes seen through the Gram matrix
     projected = [qd[:, span] @ g[span, :] for span in spans]
-    system = torch.empty(out_features, n_groups, n_groups, dtype=torch.float64)
-    rhs = torch.empty(out_features, n_groups, dtype=torch.float64)
+    system = torch.empty(out_features, n_groups, n_groups, dtype=torch.float64, device=q.device)
+    rhs = torch.empty(out_features, n_groups, dtype=torch.float64, device=q.device)
     for k, pk in enumerate(projected):
         rhs[:, k] = (pk * wd).sum(dim=1)
         for j, span in enumerate(spans):
