@@ -69,6 +69,7 @@ def main() -> int:
     args = p.parse_args()
     assets = json.loads(subprocess.run([sys.executable, "examples/prepare_assets.py", "--eval-text"], cwd=ROOT,
                                        check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    options = args.options.split()
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
     with tempfile.TemporaryDirectory(prefix="calib-sources-") as tmp:
         work = Path(tmp)
@@ -81,11 +82,11 @@ def main() -> int:
             artifact = work / f"model-{name}"
             start = time.perf_counter()
             subprocess.run(["aser-quantize", assets["model"], str(artifact), "--calib", str(text), "--quiet",
-                            *args.options.split()], cwd=ROOT, check=True)
+                            *options], cwd=ROOT, check=True)
             seconds = time.perf_counter() - start
             scores = evaluate(artifact, assets["eval"], work, log)
-            key = " ".join([name, *args.options.split()])
-            results[key] = {"command": " ".join(["aser-quantize MODEL OUT --calib", f"<{name}>", *args.options.split()]),
+            key = " ".join([name, *options])
+            results[key] = {"command": " ".join(["aser-quantize MODEL OUT --calib", f"<{name}>", *options]),
                             "quantize_seconds": round(seconds, 1), "scores": scores}
             print(f"{key}: " + ", ".join(f"{k} {v['ppl']:.2f}" for k, v in scores.items()), flush=True)
             OUT.write_text(json.dumps(results, indent=2) + "\n")
