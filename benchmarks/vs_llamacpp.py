@@ -106,6 +106,8 @@ def run_worker(cmd: list[str], job: dict, env: dict[str, str], log: Path) -> dic
         peak = rss.stop()
     if proc.returncode:
         raise RuntimeError(f"{job.get('label')}: worker failed ({proc.returncode}), see {log}")
+    with log.open("a") as fh:  # vLLM logs to stdout
+        fh.write("".join(line + "\n" for line in out.splitlines() if not line.startswith("RESULT ")))
     result = json.loads([line for line in out.splitlines() if line.startswith("RESULT ")][-1][7:])
     result["peak_rss_mib"] = peak / 2**20
     return result

@@ -253,4 +253,21 @@ def select_kernel():
         raise ValueError(f"{ENV_VAR}=cuda needs a CUDA device and Triton")
     kernel = KERNELS[wanted]()
     logger.info("ASER kernel: %s (%s); set %s to override", kernel.name, kernel.description, ENV_VAR)
+    if current_platform.is_cpu():
+        _log_cpu_threads(logger)
     return kernel
+
+
+def _log_cpu_threads(logger) -> None:
+    """Say how many OpenMP threads run the model: vLLM's automatic binding keeps one core per worker for its
+    scheduler, which on a small machine leaves the model a fraction of the cores (half of them on 2 cores)."""
+    import torch
+
+    threads, usable = torch.get_num_threads(), os.cpu_count() or 1
+    bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    if threads < usable and bind == "auto":
+        logger.warning("ASER: the model runs on %d OpenMP thread(s) of this machine's %d CPUs "
+                       "(VLLM_CPU_OMP_THREADS_BIND=%s); for one worker, VLLM_CPU_OMP_THREADS_BIND=0-%d uses all "
+                       "of them (scripts/cpu_env.sh sets it)", threads, usable, bind, usable - 1)
+    else:
+        logger.info("ASER: the model runs on %d OpenMP thread(s) (VLLM_CPU_OMP_THREADS_BIND=%s)", threads, bind)
