@@ -258,7 +258,9 @@ def readme_table(results: dict) -> str:
     for model, entry in results.items():
         engines = entry["engines"]
         ref_name = next((k for k in engines if k.startswith("llamacpp")), None)
-        lines += [f"{model}, {entry['machine']}, {entry.get('date', '')}, {PROMPT_LEN} in / {OUTPUT_LEN} out:", "",
+        reps = min(row.get("reps", 1) for row in engines.values())
+        lines += [f"{model}, {entry['machine']}, {entry.get('date', '')}, {PROMPT_LEN} in / {OUTPUT_LEN} out, "
+                  f"{reps} repetition(s) of each engine:", "",
                   f"| engine | decode tok/s, one request | × {ref_name} | prompt tok/s | 16 at once | 64 at once "
                   "| peak RSS |", "|---|---|---|---|---|---|---|"]
         for name, row in engines.items():
