@@ -28,7 +28,9 @@ def run_vllm(env: dict, timeout: int = 600, expect_log: str | None = None, **arg
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    raise AssertionError(f"vLLM run failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+    log = proc.stdout + proc.stderr  # vLLM logs to stdout: the root cause of an engine death is there
+    cause = [line for line in log.splitlines() if "Error" in line or "error:" in line or "died" in line][-12:]
+    raise AssertionError(f"vLLM run failed (rc={proc.returncode}):\n" + "\n".join(cause) + "\n" + proc.stderr[-3000:])
 
 
 def reference_logprobs(model_dir: Path, prompt_ids: list[int], ids: list[int]) -> tuple[list[int], list[float]]:
