@@ -194,7 +194,7 @@ def test_fallback_right_where_onednn_has_no_vnni():
     oneDNN starts, hence a subprocess) multiplies through vpmaddubsw, whose int16 pair sums saturate for
     full-range int8 weights; the fallback must keep the requantized group weights within 7 bits there. The
     native kernel's AVX2 path is covered above (VLLM_ASER_CPU_ISA=avx2)."""
-    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", VLLM_ASER_CPU_NO_AMX="1")  # oneDNN's path, not vLLM's AMX
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider", "-x",
          "-k", "matches_reference and fallback"],

@@ -152,7 +152,12 @@ def _amx_int8_available(n: int, k: int, act_dtype: torch.dtype, act_bits: int) -
         return False
     from vllm.model_executor.layers.utils import check_cpu_sgl_kernel
 
-    return n % 32 == 0 and check_cpu_sgl_kernel(n, k, torch.int8)
+    if not (n % 32 == 0 and check_cpu_sgl_kernel(n, k, torch.int8)):
+        return False
+    # Linux hands out AMX tile state only to a process that asks (arch_prctl ARCH_REQ_XCOMP_PERM); vLLM's AMX kernel
+    # does not ask, so in a process where no oneDNN AMX op ran first its first tile instruction is SIGILL
+    init_amx = getattr(torch._C._cpu, "_init_amx", None)
+    return bool(init_amx()) if init_amx is not None else True
 
 
 class CUDAKernel:
@@ -254,8 +259,19 @@ def select_kernel():
     kernel = KERNELS[wanted]()
     logger.info("ASER kernel: %s (%s); set %s to override", kernel.name, kernel.description, ENV_VAR)
     if current_platform.is_cpu():
+        _request_amx()
         _log_cpu_threads(logger)
     return kernel
+
+
+def _request_amx() -> None:
+    """Ask Linux for AMX tile state for this process (arch_prctl ARCH_REQ_XCOMP_PERM, through torch) before any
+    kernel uses tiles: vLLM's AMX kernels do not ask, and a tile instruction without it is SIGILL."""
+    import torch
+
+    init_amx = getattr(torch._C._cpu, "_init_amx", None)
+    if init_amx is not None:
+        init_amx()
 
 
 def _log_cpu_threads(logger) -> None:
