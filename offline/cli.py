@@ -32,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model_dir", help="source Hugging Face model directory (config.json, safetensors, tokenizer)")
     p.add_argument("output_dir", help="where to write the ASER model (refused if it exists, see --overwrite)")
-    p.add_argument("--calib", required=True, help="calibration text: a .txt or .jsonl ('text' field) file, or a folder")
+    p.add_argument("--calib", required=True,
+                   help="calibration data: a text file, a .jsonl file (one {'text': ...} or chat {'messages': [...]} "
+                   "record per line; chats are rendered with the model's chat template), or a folder of them")
+    p.add_argument("--calib-suffix", action="append", default=None, metavar="SUFFIX",
+                   help="in a --calib folder, read the files ending in SUFFIX (repeatable, e.g. --calib-suffix .py "
+                   "to calibrate a code model on source files; default: .txt and .jsonl)")
     p.add_argument("--num-samples", type=int, default=defaults.num_samples, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per calibration window")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="windows per forward pass")
@@ -124,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     from offline.pipeline import quantize_model
 
     try:
-        summary = quantize_model(args.model_dir, args.output_dir, args.calib, opts, args.overwrite, not args.quiet)
+        summary = quantize_model(args.model_dir, args.output_dir, args.calib, opts, args.overwrite, not args.quiet,
+                                 args.calib_suffix)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"aser-quantize: error: {exc}", file=sys.stderr)
         return 1

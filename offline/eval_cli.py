@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model_dir", type=Path, help="model directory (written by aser-quantize, or unquantized)")
     p.add_argument("--text", type=Path, required=True, help=".txt / .jsonl file or a folder of them")
+    p.add_argument("--text-suffix", action="append", default=None, metavar="SUFFIX",
+                   help="in a --text folder, score the files ending in SUFFIX (repeatable, e.g. .py; "
+                   "default: .txt and .jsonl)")
     p.add_argument("--window", type=int, default=2048, help="tokens per window (default: 2048)")
     p.add_argument("--max-windows", type=int, help="score only the first N windows (default: all)")
     p.add_argument("--backend", choices=("reference", "vllm"), default="reference")
@@ -51,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
             from offline.perplexity_vllm import vllm_perplexity
 
             result = vllm_perplexity(args.model_dir, args.text, args.window, args.max_windows, args.dtype,
-                                     args.enforce_eager, not args.quiet)
+                                     args.enforce_eager, not args.quiet, args.text_suffix)
         else:
             from offline.perplexity import torch_perplexity
 
             result = torch_perplexity(args.model_dir, args.text, args.window, args.max_windows,
                                       DTYPES[args.dtype], progress=not args.quiet,
-                                      lowrank_rank=args.lowrank_rank)
+                                      lowrank_rank=args.lowrank_rank, suffixes=args.text_suffix)
     except (CalibrationError, FormatError, ValueError, OSError) as exc:
         print(f"aser-eval: error: {exc}", file=sys.stderr)
         return 2

@@ -38,12 +38,13 @@ class PerplexityResult:
         return {**asdict(self), "ppl": round(self.ppl, 4)}
 
 
-def eval_windows(text: str | Path, tokenizer, window: int, max_windows: int | None = None) -> torch.Tensor:
+def eval_windows(text: str | Path, tokenizer, window: int, max_windows: int | None = None,
+                 suffixes: tuple[str, ...] | None = None) -> torch.Tensor:
     """[n, window] token ids: the text's documents joined by EOS, cut into consecutive windows (tail dropped)."""
     if window < 2:
         raise ValueError(f"--window must be at least 2 tokens, got {window}")
     ids: list[int] = []
-    for doc in read_texts(text):
+    for doc in read_texts(text, suffixes, tokenizer):
         ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
@@ -84,14 +85,14 @@ def window_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
 def torch_perplexity(
     model_dir: str | Path, text: str | Path, window: int, max_windows: int | None = None,
     dtype: torch.dtype = torch.float32, batch_size: int = 1, progress: bool = True,
-    lowrank_rank: int | None = None,
+    lowrank_rank: int | None = None, suffixes: tuple[str, ...] | None = None,
 ) -> PerplexityResult:
     from transformers import AutoTokenizer
 
     if lowrank_rank is not None and not is_aser_model(model_dir):
         raise ValueError(f"--lowrank-rank needs an ASER model directory; {model_dir} is not one")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    windows = eval_windows(text, tokenizer, window, max_windows)
+    windows = eval_windows(text, tokenizer, window, max_windows, suffixes)
     model = load_torch_model(model_dir, dtype)
     if lowrank_rank is not None:
         from offline.simulate import truncate_lowrank

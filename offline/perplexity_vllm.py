@@ -15,6 +15,7 @@ from vllm_aser.format import is_aser_model
 def vllm_perplexity(
     model_dir: str | Path, text: str | Path, window: int, max_windows: int | None = None,
     dtype: str = "float32", enforce_eager: bool = False, progress: bool = True,
+    suffixes: tuple[str, ...] | None = None,
 ) -> PerplexityResult:
     try:
         from vllm import LLM, SamplingParams
@@ -25,7 +26,7 @@ def vllm_perplexity(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    windows = eval_windows(text, tokenizer, window, max_windows)
+    windows = eval_windows(text, tokenizer, window, max_windows, suffixes)
     llm = LLM(
         model=str(model_dir),
         quantization="aser" if is_aser_model(model_dir) else None,

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from offline import __version__
-from offline.calibration import read_texts, token_windows
+from offline.calibration import normalize_suffixes, read_records, render, token_windows
 from offline.device import compute_device, to_device
 from offline.expert_calibration import moe_report, new_stats, recalibrate_starved_experts
 from offline.export import atomic_output_dir, copy_side_files, quantized_tensors, write_config, write_shards
@@ -193,6 +193,7 @@ def quantize_model(
     opts: QuantizeOptions,
     overwrite: bool = False,
     progress: bool = True,
+    calib_suffixes: tuple[str, ...] | None = None,
 ) -> QuantizeSummary:
     start = time.perf_counter()
     model_dir, output_dir = Path(model_dir), Path(output_dir)
@@ -201,8 +202,9 @@ def quantize_model(
     if output_dir.resolve() == model_dir.resolve():
         raise ValueError("the output directory must differ from the source model directory")
     torch.manual_seed(opts.seed)
-    texts = read_texts(calib)
+    records = read_records(calib, calib_suffixes)  # bad calibration input fails before the model is loaded
     tokenizer, source = open_source_model(model_dir)
+    texts = render(records, tokenizer)
     model, stack = source.model, source.stack
     unquantized = check_block_weights(stack.layers[0], f"{stack.prefix}.*")
     rotation, untied, rotation_refused = None, False, None
@@ -276,7 +278,7 @@ def quantize_model(
 
     # full-precision weights (MoE routers) that vLLM may still hand to the quantization method
     routers = [rename(f"{stack.prefix}.{i}.{e['module']}") for i in range(len(stack.layers)) for e in unquantized]
-    calibration = {"source": str(calib), "num_samples": opts.num_samples, "seq_len": opts.seq_len, "seed": opts.seed}
+    calibration = {"source": str(calib), "suffixes": list(normalize_suffixes(calib_suffixes)), "num_samples": opts.num_samples, "seq_len": opts.seq_len, "seed": opts.seed}
     # blocks were exported as they were quantized; what remains is outside the stack
     outside = unquantized_tensors(model, "", set(), dtype, skip_under=stack.prefix + ".")
     if getattr(model.config, "tie_word_embeddings", False):

@@ -45,7 +45,7 @@ def tiny_qwen2(workdir) -> Path:
     return build_tiny_model(workdir / "qwen2", "qwen2", seed=1)
 
 
-def quantize(model: Path, out: Path, calib: Path, **options) -> Path:
+def quantize(model: Path, out: Path, calib: Path, calib_suffixes: tuple[str, ...] | None = None, **options) -> Path:
     from offline.options import QuantizeOptions
     from offline.pipeline import quantize_model
 
@@ -53,7 +53,7 @@ def quantize(model: Path, out: Path, calib: Path, **options) -> Path:
     # its own fixtures (qwen2_aser_rotated, tests/test_rotation.py)
     options.setdefault("rotate", "none")
     opts = QuantizeOptions(num_samples=8, seq_len=128, batch_size=4, **options)
-    quantize_model(model, out, calib, opts, overwrite=True, progress=False)
+    quantize_model(model, out, calib, opts, overwrite=True, progress=False, calib_suffixes=calib_suffixes)
     return out
 
 
