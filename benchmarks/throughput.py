@@ -65,7 +65,7 @@ def weight_bytes(model_dir: Path) -> int:
 
 def prepare(model: str, assets: dict, cache: Path, log: Path, methods: list[str]) -> dict[str, Path]:
     """Model directories of the asked methods, quantized once and cached."""
-    if model == "smollm2":
+    if model in ("smollm2", "qwen2.5-coder-1.5b"):  # real models (examples/prepare_assets.py)
         source, calib, extra = Path(assets["model"]), assets["calib"], []
     else:
         from random_llama import build_random_llama, write_random_text  # benchmarks/ is on sys.path (main)

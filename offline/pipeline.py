@@ -106,9 +106,15 @@ def quantize_block(
             key = tuple(group)
             results.extend(quantize_group(linears, stats[key], opts, cross[key].cross if key in cross else None))
         if opts.propagate_quantized:
+            originals = {}
             for name, result in zip([n for g in groups for n in g], results):
+                originals[name] = block.get_submodule(name)
                 set_submodule(block, name, _simulated(result, opts, hadamard.get(name, 0)))
             outputs = [run_block(block, hidden, kwargs) for hidden, kwargs in inputs]
+            # the simulated linears hold float32 copies of the block's weights: left in place they outlived the
+            # block (release_block frees parameters only), 0.3-0.4 GiB per block of a 1.5B model
+            for name, module in originals.items():
+                set_submodule(block, name, module)
     return results, outputs, fp_outputs, starved
 
 

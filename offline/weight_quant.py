@@ -8,6 +8,7 @@ from vllm_aser.kernels.reference import dequantize_weight
 
 
 CLIP_RATIOS = torch.linspace(1.0, 0.5, 26)  # candidate fractions of the absmax scale, step 0.02
+CLIP_CHUNK_ELEMENTS = 1 << 18  # weights per chunk of rows in the clipping search (1 MiB of float32)
 
 
 def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -35,14 +36,19 @@ def choose_scales(
     if importance is None:
         return base
     imp = _grouped(importance.float().reshape(1, -1), group_size)  # [1, n_groups, group]
-    best_err = torch.full_like(base, float("inf"))
     best = base.clone()
-    for ratio in CLIP_RATIOS.tolist():
-        s = (base * ratio)[:, :, None]
-        err = ((wg - torch.clamp(torch.round(wg / s), -qmax, qmax) * s).pow(2) * imp).sum(dim=2)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, base * ratio, best)
+    # rows in chunks that stay in cache across the candidate ratios (same arithmetic as all rows at once)
+    chunk = max(1, CLIP_CHUNK_ELEMENTS // max(wg.shape[1] * wg.shape[2], 1))
+    for rows in range(0, wg.shape[0], chunk):
+        w_rows, b_rows = wg[rows:rows + chunk], base[rows:rows + chunk]
+        best_err = torch.full_like(b_rows, float("inf"))
+        best_rows = best[rows:rows + chunk]
+        for ratio in CLIP_RATIOS.tolist():
+            s = (b_rows * ratio)[:, :, None]
+            err = ((w_rows - torch.clamp(torch.round(w_rows / s), -qmax, qmax) * s).pow(2) * imp).sum(dim=2)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_rows.copy_(torch.where(better, b_rows * ratio, best_rows))
     return best
 
 

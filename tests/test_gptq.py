@@ -113,3 +113,18 @@ def test_gptq_with_clipped_scales():
     plain = rel_output_error(w, *quantize_gptq(w, gram, 4, -1), -1, gram)
     clipped = rel_output_error(w, *quantize_gptq(w, gram, 4, -1, clip=True), -1, gram)
     assert clipped < plain
+
+
+@pytest.mark.parametrize("width", [1, 7, 33, 130])
+def test_inverse_hessian_factor_is_the_upper_cholesky_of_the_inverse(width):
+    """R from one Cholesky of the reversed Hessian: R upper, R^T R = (H + damping)^-1, positive diagonal."""
+    from offline.gptq import _inverse_hessian_factor
+
+    _, gram = layer(3, width, seed=width)
+    damp = 0.01
+    upper = _inverse_hessian_factor(gram, damp)
+    damped = gram + damp * gram.diagonal().mean() * torch.eye(width, dtype=gram.dtype)
+    assert torch.equal(upper, upper.triu())
+    assert (upper.diagonal() > 0).all()
+    oracle = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
+    assert torch.allclose(upper, oracle, rtol=1e-8, atol=1e-10 * float(oracle.abs().max()))

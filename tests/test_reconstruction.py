@@ -41,6 +41,41 @@ def test_gram_streaming_equals_batch(layer):
     assert stats.tokens == 400
 
 
+def test_wide_gram_in_symmetric_blocks_equals_batch():
+    """Inputs wider than 2 * GRAM_BLOCK take the blocked path (the 8960-wide down_proj of a 1.5B model)."""
+    from offline.whitening import GRAM_BLOCK
+
+    width = 2 * GRAM_BLOCK + 37  # the last block takes an odd remainder
+    x = torch.randn(64, width, generator=torch.Generator().manual_seed(3)) * torch.logspace(0, 1, width)
+    stats = ActivationStats(width)
+    stats.update(x[:40])
+    stats.update(x[40:])
+    exact = x.double().t() @ x.double()
+    assert torch.equal(stats.gram, stats.gram.t())
+    assert (stats.gram - exact).abs().max() <= 1e-5 * exact.abs().max()
+
+
+@pytest.mark.parametrize("shape", [(45, 37), (7, 33), (33, 7), (1, 20), (64, 64)])
+def test_whitened_factors_match_an_svd_of_the_whitened_error(shape):
+    """The eigendecomposition route against the oracle (torch's SVD of E S) on both sides of square."""
+    g = torch.Generator().manual_seed(shape[0] * 100 + shape[1])
+    x = correlated_inputs(shape[1], 300, seed=shape[0])
+    stats = ActivationStats(shape[1])
+    stats.update(x)
+    error = torch.randn(*shape, generator=g, dtype=torch.float64) * 0.01
+    whitening = damped_cholesky(stats.gram, 0.01)
+    u, s, vh = torch.linalg.svd(error @ whitening, full_matrices=False)
+    spectrum = whitened_svd(error, whitening, max_rank=16)
+    k = min(16, *shape)
+    assert spectrum.max_rank == k
+    assert torch.allclose(spectrum.singular_values.double(), s, rtol=1e-5, atol=1e-6 * float(s[0]))
+    for rank in (1, k // 2, k):
+        up, down = spectrum.factors(rank)
+        oracle = (u[:, :rank] * s[:rank]) @ torch.linalg.solve_triangular(whitening.t(), vh[:rank].t(), upper=True).t()
+        got = up.double() @ down.double()
+        assert (got - oracle).norm() <= 1e-5 * max(float(oracle.norm()), 1e-12)
+
+
 @pytest.mark.parametrize("rank", [1, 5, 16])
 def test_whitened_svd_removes_exactly_the_predicted_error(layer, rank):
     """Undamped: ||(E - up_r down_r) X||^2 equals the sum of the discarded squared singular values."""
