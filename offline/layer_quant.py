@@ -161,7 +161,7 @@ def quantize_group(
     elif opts.method == "aser" and opts.outliers:
         outliers = outlier_channels(stats.act_max, weight_max, opts.outliers)
         smooth = smoothing_scales(stats.act_max, weight_max, opts.alpha, outliers)
-    gram = stats.smoothed_gram(smooth)
+    gram = stats.smoothed_gram(smooth, in_place=True)  # the raw Gram matrix is not needed again
     whitening = damped_cholesky(gram, opts.damp) if opts.method in ("aser", "er") else None
 
     smoothed = {name: w * smooth[None, :] for name, w in weights.items()}

@@ -132,6 +132,16 @@ def unquantized_tensors(
     return tensors
 
 
+def cast_outside_stack(model: torch.nn.Module, stack_prefix: str, dtype: torch.dtype) -> None:
+    """Embeddings, final norm and head in the export dtype once the calibration inputs are captured: nothing reads
+    them again before export, which casts them to it anyway (a 1.5B model's 152k-token embedding and head are
+    1.9 GiB in float32)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not name.startswith(stack_prefix + ".") and param.is_floating_point() and not param.is_meta:
+                param.data = param.data.to(dtype)
+
+
 def allocate_ranks(results: list[QuantizedLinear], budget_percent: float,
                    sensitivity: dict[str, float] | None = None) -> None:
     """Global budget over low-rank units (a fused group with a shared down-projection, or one layer); with
@@ -234,12 +244,13 @@ def quantize_model(
     if opts.rank_weight == "fisher" and opts.rank_budget is not None:
         sensitivity = output_sensitivity(model_dir, samples[:SENSITIVITY_WINDOWS], progress)
     captured = capture_block_inputs(model, stack, batches)
+    dtype = getattr(torch, opts.dtype)
+    cast_outside_stack(model, stack.prefix, dtype)
     device = compute_device(opts.device)
     hidden = [h.to(device) for h in captured.hidden]
     # the full-precision model's stream, kept beside the quantized one only when it differs and is the target
     fp_hidden = list(hidden) if opts.fit_target == "model" and opts.propagate_quantized else None
 
-    dtype = getattr(torch, opts.dtype)
     results: list[QuantizedLinear] = []
     starved: list[dict] = []
     tensors: dict[str, torch.Tensor] = {}  # unquantized tensors to export (block norms, embeddings, head)

@@ -44,9 +44,12 @@ class ActivationStats:
                         self.gram[b0:b1, a0:a1] += block.t()
         self.tokens += x2.shape[0]
 
-    def smoothed_gram(self, smooth: torch.Tensor) -> torch.Tensor:
-        """Gram matrix of x / smooth."""
+    def smoothed_gram(self, smooth: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+        """Gram matrix of x / smooth. `in_place` scales the stored matrix itself (no copy: 0.6 GiB for an
+        8960-wide input) when the caller needs only the smoothed one from then on."""
         inv = 1.0 / smooth.double()
+        if in_place:
+            return self.gram.mul_(inv[:, None]).mul_(inv[None, :])
         return self.gram * inv[:, None] * inv[None, :]
 
 
@@ -57,10 +60,12 @@ def damped_cholesky(gram: torch.Tensor, damp: float) -> torch.Tensor:
     until the factorization succeeds.
     """
     diag_mean = gram.diagonal().mean().clamp(min=1e-12)
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
     lam = damp
     for _ in range(12):
-        factor, info = torch.linalg.cholesky_ex(gram + lam * diag_mean * eye)
+        damped = gram.clone()
+        damped.diagonal().add_(lam * diag_mean)
+        factor, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
             return factor
         lam = max(lam * 10, 1e-8)

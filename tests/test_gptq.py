@@ -117,12 +117,12 @@ def test_gptq_with_clipped_scales():
 
 @pytest.mark.parametrize("width", [1, 7, 33, 130])
 def test_inverse_hessian_factor_is_the_upper_cholesky_of_the_inverse(width):
-    """R from one Cholesky of the reversed Hessian: R upper, R^T R = (H + damping)^-1, positive diagonal."""
+    """Given the Hessian in reversed order: R upper, R^T R = (H + damping)^-1, positive diagonal."""
     from offline.gptq import _inverse_hessian_factor
 
     _, gram = layer(3, width, seed=width)
     damp = 0.01
-    upper = _inverse_hessian_factor(gram, damp)
+    upper = _inverse_hessian_factor(gram.flip(0, 1), damp)
     damped = gram + damp * gram.diagonal().mean() * torch.eye(width, dtype=gram.dtype)
     assert torch.equal(upper, upper.triu())
     assert (upper.diagonal() > 0).all()

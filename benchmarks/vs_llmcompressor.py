@@ -1,0 +1,208 @@
+"""ASER against llm-compressor (vLLM's own quantizer) on the same calibration windows, scored the same way.
+
+Rows: the source model; ASER defaults; ASER without the low-rank branch (rotation + GPTQ, W4A8); plain RTN W4A8;
+and llm-compressor 0.14 (own venv `.venv-llmcompressor`, created on first use) W4A8 GPTQ group 128 and per
+channel, W4A16 GPTQ group 128, W8A8 SmoothQuant + GPTQ. Every quantizer gets the same token windows (the
+project's `token_windows` of the calibration source); every artifact is scored by `aser-eval --backend vllm`,
+prompt logprobs through vLLM's CPU build (the activation quantization the engine really runs, theirs and ours),
+on held-out code and prose. Quantization wall time and peak RSS come from /usr/bin/time. Results are cached per
+row in docs/accuracy/vs_llmcompressor.json and the table is written to docs/accuracy/VS_LLMCOMPRESSOR.md.
+
+    python benchmarks/vs_llmcompressor.py --model qwen2.5-coder-1.5b [--calib code|prose] [--only ROWS] [--windows N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT_DIR = ROOT / "docs" / "accuracy"
+RESULTS = OUT_DIR / "vs_llmcompressor.json"
+LLMC_VENV = ROOT / ".venv-llmcompressor"
+LLMC_PACKAGES = ["llmcompressor==0.14.0.1", "torch==2.13.0+cpu", "transformers==5.17.0"]
+WINDOW = 2048
+NUM_SAMPLES, SEQ_LEN = 64, 512  # aser-quantize's defaults, for every quantizer
+OURS = {  # row -> aser-quantize options
+    "aser": [],
+    "aser-no-lowrank": ["--method", "rtn"],  # rotation + GPTQ + clipped scales, no smoothing, no low-rank branch
+    "rtn": ["--method", "rtn", "--base", "rtn", "--clip", "minmax", "--rotate", "none"],
+}
+THEIRS = ("llmc-w4a8-g128", "llmc-w4a8-channel", "llmc-w4a16-g128", "llmc-w8a8")
+LABELS = {
+    "source": "source model (bf16)",
+    "aser": "ASER defaults (W4A8 per channel, rotation, GPTQ, 3% low-rank)",
+    "aser-no-lowrank": "ASER without the low-rank branch (rotation + GPTQ)",
+    "rtn": "RTN W4A8 per channel",
+    "llmc-w4a8-g128": "llm-compressor W4A8 GPTQ, int4 group 128",
+    "llmc-w4a8-channel": "llm-compressor W4A8 GPTQ, int4 per channel",
+    "llmc-w4a16-g128": "llm-compressor W4A16 GPTQ group 128 (weight-only)",
+    "llmc-w8a8": "llm-compressor W8A8 SmoothQuant + GPTQ",
+}
+
+
+def ensure_llmc_venv() -> Path:
+    python = LLMC_VENV / "bin" / "python"
+    stamp = LLMC_VENV / (".installed-" + "-".join(LLMC_PACKAGES).replace("==", "_"))
+    if not stamp.exists():
+        if not python.exists():
+            subprocess.run([sys.executable, "-m", "venv", str(LLMC_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *LLMC_PACKAGES], check=True)
+        stamp.touch()
+    return python
+
+
+def timed(cmd: list[str], log: Path, env: dict | None = None) -> dict:
+    """Run a command under /usr/bin/time: its wall seconds and peak RSS (MiB) of the process."""
+    stats = log.with_suffix(".time")
+    with log.open("a") as fh:
+        fh.write(f"\n$ {' '.join(cmd)}\n")
+        fh.flush()
+        proc = subprocess.run(["/usr/bin/time", "-o", str(stats), "-f", "%e %M", *cmd], stdout=fh,
+                              stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}); see {log}")
+    wall, rss_kib = stats.read_text().split()[-2:]
+    return {"quantize_seconds": float(wall), "peak_rss_mib": round(int(rss_kib) / 1024)}
+
+
+def calibration_windows(model: Path, calib: str, suffixes: list[str] | None, target: Path) -> Path:
+    sys.path.insert(0, str(ROOT))
+    from transformers import AutoTokenizer
+
+    from offline.calibration import read_texts, token_windows
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    windows = token_windows(read_texts(calib, suffixes, tokenizer), tokenizer, NUM_SAMPLES, SEQ_LEN, 0)
+    target.write_text(json.dumps(windows.tolist()))
+    return target
+
+
+def score(model_dir: Path, texts: dict[str, tuple[str, list[str]]], windows: int, work: Path, log: Path) -> dict:
+    scores = {}
+    for name, (path, suffixes) in texts.items():
+        out = work / f"eval-{name}.json"
+        cmd = ["aser-eval", str(model_dir), "--backend", "vllm", "--dtype", "bfloat16", "--text", path,
+               "--window", str(WINDOW), "--max-windows", str(windows), "--quiet", "--output", str(out)]
+        for suffix in suffixes:
+            cmd += ["--text-suffix", suffix]
+        with log.open("a") as fh:
+            fh.write(f"\n$ {' '.join(cmd)}\n")
+            fh.flush()
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        if proc.returncode != 0 or not out.exists():
+            scores[name] = {"error": f"aser-eval failed ({proc.returncode}); see {log}"}
+            continue
+        result = json.loads(out.read_text())
+        scores[name] = {"ppl": result["ppl"], "tokens": result["tokens"]}
+        out.unlink()
+    return scores
+
+
+def render(results: dict) -> str:
+    lines = ["# ASER against llm-compressor", "",
+             "Written by `python benchmarks/vs_llmcompressor.py`; do not edit by hand. Same calibration windows "
+             f"({NUM_SAMPLES} x {SEQ_LEN} tokens) for every quantizer; perplexity through vLLM's CPU build "
+             f"(`aser-eval --backend vllm`, windows of {WINDOW} tokens); lower is better. \"Gap closed\" is the "
+             "share of the RTN-to-source perplexity gap removed, on each text.", ""]
+    for key, entry in results.items():
+        rows = entry["rows"]
+        texts = list(next(iter(rows.values()))["scores"]) if rows else []
+        lines += [f"## {entry['model']}, calibrated on {entry['calib']}", "",
+                  f"Machine: {entry['machine']}; {entry['date']}. Source model: {entry['source_note']}", "",
+                  "| row | " + " | ".join(f"{t} ppl | gap closed" for t in texts) + " | quantize time | peak RSS |",
+                  "|---|" + "---|---|" * len(texts) + "---|---|"]
+        for name, row in rows.items():
+            cells = []
+            for t in texts:
+                s = row["scores"].get(t, {})
+                if "ppl" not in s:
+                    cells += [s.get("error", "n/a"), ""]
+                    continue
+                fp, rtn = rows.get("source", {}).get("scores", {}).get(t, {}), rows.get("rtn", {}).get("scores", {}).get(t, {})
+                gap = ""
+                if "ppl" in fp and "ppl" in rtn and rtn["ppl"] > fp["ppl"] and name not in ("source", "rtn"):
+                    gap = f"{(rtn['ppl'] - s['ppl']) / (rtn['ppl'] - fp['ppl']):.0%}"
+                cells += [f"{s['ppl']:.3f}", gap]
+            time_cell = f"{row['quantize_seconds'] / 60:.1f} min" if "quantize_seconds" in row else ""
+            rss_cell = f"{row['peak_rss_mib'] / 1024:.1f} GiB" if "peak_rss_mib" in row else ""
+            lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + f" | {time_cell} | {rss_cell} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "qwen2.5-coder-1.5b"])
+    p.add_argument("--calib", default="code", choices=["code", "prose"],
+                   help="code: Python sources of one project (networkx); prose: State of the Union addresses")
+    p.add_argument("--only", help="comma-separated rows (default: all)")
+    p.add_argument("--windows", type=int, default=8, help="windows of 2048 tokens scored per text")
+    p.add_argument("--fresh", action="store_true", help="recompute rows already in the results file")
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from machine import describe_machine
+
+    assets = json.loads(subprocess.run([sys.executable, "examples/prepare_assets.py", "--model", args.model,
+                                        "--eval-text"], cwd=ROOT, check=True, capture_output=True, text=True).stdout)
+    model = Path(assets["model"])
+    calib, suffixes = (assets["calib_code"], [".py"]) if args.calib == "code" else (assets["calib"], [])
+    texts = {"code": (assets["eval"]["code"], [".py"]), "wikipedia": (assets["eval"]["wikipedia"], [])}
+    cache = model.parents[1] / "bench" / f"vs-llmc-{args.model}-{args.calib}"
+    cache.mkdir(parents=True, exist_ok=True)
+    log = cache / "run.log"
+    windows_file = calibration_windows(model, calib, suffixes or None, cache / "calibration-windows.json")
+
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    key = f"{args.model}/{args.calib}"
+    machine = describe_machine()
+    entry = results.setdefault(key, {"rows": {}})
+    if entry.get("machine") != machine or entry.get("windows") != args.windows:
+        entry["rows"] = {}
+    entry.update(model=args.model, calib=f"{args.calib} ({Path(calib).name})", machine=machine,
+                 windows=args.windows, date=time.strftime("%Y-%m-%d"),
+                 source_note="dequantized from a 4-bit GGUF (its weights already lie on a 4-bit grid)")
+    rows = ["source", *OURS, *THEIRS]
+    if args.only:
+        rows = [r for r in rows if r in args.only.split(",")]
+    for name in rows:
+        if name in entry["rows"] and not args.fresh:
+            print(f"{name}: cached", flush=True)
+            continue
+        print(f"{name}: ...", flush=True)
+        artifact = cache / name
+        record: dict = {}
+        if name == "source":
+            artifact = model
+        elif name in OURS:
+            shutil.rmtree(artifact, ignore_errors=True)
+            cmd = ["aser-quantize", str(model), str(artifact), "--calib", calib, "--quiet", *OURS[name]]
+            for suffix in suffixes:
+                cmd += ["--calib-suffix", suffix]
+            record |= timed(cmd, log)
+        else:
+            python = ensure_llmc_venv()
+            shutil.rmtree(artifact, ignore_errors=True)
+            job = cache / f"{name}.json"
+            job.write_text(json.dumps({"model": str(model), "windows": str(windows_file),
+                                       "scheme": name.removeprefix("llmc-"), "out": str(artifact)}))
+            env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "VIRTUAL_ENV")}
+            record |= timed([str(python), str(ROOT / "benchmarks" / "llmcompressor_worker.py"), str(job)], log, env)
+        record["scores"] = score(artifact, texts, args.windows, cache, log)
+        print(f"{name}: {json.dumps(record)}", flush=True)
+        entry["rows"][name] = record
+        OUT_DIR.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    (OUT_DIR / "VS_LLMCOMPRESSOR.md").write_text(render(results))
+    print(f"wrote {OUT_DIR / 'VS_LLMCOMPRESSOR.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
