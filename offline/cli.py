@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(norm weights folded into the linears; no cost at serving), which spreads outlier channels "
                    "before quantization; auto: hadamard where the model's structure allows it (Llama-style "
                    "blocks with plain RMSNorms), none otherwise (e.g. Gemma 3, Phi-3), with a message")
+    p.add_argument("--quantize-head", action="store_true",
+                   help="quantize lm_head too (W4A8 with a low-rank branch from the same budget; embeddings stay "
+                   "unquantized): a decode step reads the head whole, so this cuts the bytes per token of models with "
+                   "large vocabularies, at a perplexity cost the report and docs/ACCURACY.md state")
     p.add_argument("--mlp-hadamard", default=defaults.mlp_hadamard, metavar="auto|none|B",
                    help="rotate down_proj's input at run time by block-diagonal Walsh-Hadamard transforms of order B "
                    "(a power of two; QuaRot's online R4), its inverse folded into the weights: spreads the MLP's "

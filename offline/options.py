@@ -40,6 +40,7 @@ class QuantizeOptions:
     outliers: int = 4
     damp: float = 0.01
     rotate: str = "auto"
+    quantize_head: bool = False  # lm_head as one more ASER linear (offline/head.py)
     mlp_hadamard: str = "none"  # down_proj's input rotated at run time: auto, none, or a block (offline/mlp_rotation.py)
     fit_target: str = "layer"
     rank_weight: str = "relative"
@@ -70,6 +71,8 @@ class QuantizeOptions:
             if self.export != "aser":
                 raise OptionsError("--mlp-hadamard rotates down_proj's input at run time, which only the ASER format "
                                    "describes: use --mlp-hadamard none with --export compressed-tensors")
+        if self.quantize_head and self.export != "aser":
+            raise OptionsError("--quantize-head writes the head in the ASER format: use it with --export aser")
         if self.fit_target not in FIT_TARGETS:
             raise OptionsError(f"--fit-target must be one of {FIT_TARGETS}, got {self.fit_target!r}")
         if self.rank_weight not in RANK_WEIGHTS:

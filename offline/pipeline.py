@@ -28,6 +28,7 @@ from offline.device import compute_device, to_device
 from offline.expert_calibration import moe_report, new_stats, recalibrate_starved_experts
 from offline.export import atomic_output_dir, copy_side_files, quantized_tensors, write_config, write_shards
 from offline.fit_target import CrossStats
+from offline.head import head_modules, quantize_head
 from offline.layer_quant import QuantizedLinear, quantize_group
 from offline.mlp_rotation import SIGN_SEED_OFFSET, mlp_hadamard_block, rotate_mlp_inner, why_not_rotatable
 from offline.model_structure import (
@@ -132,12 +133,15 @@ def unquantized_tensors(
     return tensors
 
 
-def cast_outside_stack(model: torch.nn.Module, stack_prefix: str, dtype: torch.dtype) -> None:
+def cast_outside_stack(model: torch.nn.Module, stack_prefix: str, dtype: torch.dtype, keep: set[str] = frozenset()
+                       ) -> None:
     """Embeddings, final norm and head in the export dtype once the calibration inputs are captured: nothing reads
     them again before export, which casts them to it anyway (a 1.5B model's 152k-token embedding and head are
-    1.9 GiB in float32)."""
+    1.9 GiB in float32). Modules in `keep` stay as they are."""
     with torch.no_grad():
         for name, param in model.named_parameters():
+            if name.rsplit(".", 1)[0] in keep:
+                continue
             if not name.startswith(stack_prefix + ".") and param.is_floating_point() and not param.is_meta:
                 param.data = param.data.to(dtype)
 
@@ -243,9 +247,14 @@ def quantize_model(
     sensitivity = None
     if opts.rank_weight == "fisher" and opts.rank_budget is not None:
         sensitivity = output_sensitivity(model_dir, samples[:SENSITIVITY_WINDOWS], progress)
+    head_name = None
+    keep_precision: set[str] = set()
+    if opts.quantize_head:
+        head_name, _, norm_name, _ = head_modules(model, stack)
+        keep_precision = {head_name, norm_name}  # still computed with after the blocks
     captured = capture_block_inputs(model, stack, batches)
     dtype = getattr(torch, opts.dtype)
-    cast_outside_stack(model, stack.prefix, dtype)
+    cast_outside_stack(model, stack.prefix, dtype, keep_precision)
     device = compute_device(opts.device)
     hidden = [h.to(device) for h in captured.hidden]
     # the full-precision model's stream, kept beside the quantized one only when it differs and is the target
@@ -279,6 +288,8 @@ def quantize_model(
         block.to("cpu")
         source.release_block(index)
         bar.set_postfix(rss=f"{peak_rss_mib():.0f}MiB")
+    if head_name is not None:
+        results.append(quantize_head(model, stack, hidden, opts).to("cpu"))
     del captured, hidden, fp_hidden, inputs, fp_inputs, kwargs
 
     if opts.rank_budget is not None:
@@ -297,8 +308,9 @@ def quantize_model(
     routers = [rename(f"{stack.prefix}.{i}.{e['module']}") for i in range(len(stack.layers)) for e in unquantized]
     calibration = {"source": str(calib), "suffixes": list(normalize_suffixes(calib_suffixes)), "num_samples": opts.num_samples, "seq_len": opts.seq_len, "seed": opts.seed}
     # blocks were exported as they were quantized; what remains is outside the stack
-    outside = unquantized_tensors(model, "", set(), dtype, skip_under=stack.prefix + ".")
-    if getattr(model.config, "tie_word_embeddings", False):
+    outside = unquantized_tensors(model, "", {head_name} if head_name else set(), dtype, skip_under=stack.prefix + ".")
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    if tied:
         outside.pop("lm_head.weight", None)
     tensors.update({rename(name): tensor for name, tensor in outside.items()})
     cfg = None
@@ -316,7 +328,7 @@ def quantize_model(
             activation_bits=opts.a_bits,
             lowrank_dtype=opts.lowrank_dtype,
             lowrank_shared=opts.joint_lowrank,
-            ignore=["lm_head", *routers],
+            ignore=[*([] if head_name else ["lm_head"]), *routers],
             ranks={r.name: r.rank for r in results},
             input_hadamard=input_hadamard,
             method=opts.method,
@@ -338,6 +350,7 @@ def quantize_model(
         "rotation_refused": rotation_refused,
         "mlp_rotation": {"hadamard_block": mlp_block, "layers": len(input_hadamard)} if mlp_block else None,
         "mlp_rotation_refused": mlp_refused,
+        "quantized_head": head_name,
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -355,7 +368,9 @@ def quantize_model(
         write_shards(tensors, tmp)
         copy_side_files(model_dir, tmp)
         (tmp / fmt.REPORT_FILENAME).write_text(json.dumps(report, indent=2) + "\n")
-        write_config(model_dir, tmp, quant_config, opts.dtype, {"tie_word_embeddings": False} if untied else None)
+        # a quantized head is its own tensors: vLLM must not tie it to the embeddings
+        untie_config = untied or (head_name is not None and tied)
+        write_config(model_dir, tmp, quant_config, opts.dtype, {"tie_word_embeddings": False} if untie_config else None)
         if cfg is not None:
             fmt.validate_checkpoint(tmp, cfg)
     return QuantizeSummary(output_dir, report, time.perf_counter() - start, peak_rss_mib())

@@ -95,6 +95,14 @@ def llama_aser_mlp_rotated(workdir, tiny_llama, calib_text) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen2_aser_head(workdir, tiny_qwen2_tied, calib_text) -> Path:
+    """The head quantized too (`--quantize-head`), on a model with tied embeddings and no rotation: the artifact
+    must untie them itself."""
+    return quantize(tiny_qwen2_tied, workdir / "qwen2-aser-head", calib_text, rank_budget=15.0, dtype="float32",
+                    quantize_head=True)
+
+
+@pytest.fixture(scope="session")
 def qwen2_aser_fp32(workdir, tiny_qwen2, calib_text) -> Path:
     """Fixed rank and group-wise scales; Qwen2 has q/k/v biases."""
     return quantize(tiny_qwen2, workdir / "qwen2-aser-fp32", calib_text, rank=8, group_size=64, dtype="float32")

@@ -241,3 +241,32 @@ def test_quantizing_on_the_gpu_matches_the_cpu(tiny_llama, calib_text, tmp_path)
     for cpu, gpu in zip(reports["cpu"]["layers"], reports["cuda"]["layers"]):
         assert cpu["name"] == gpu["name"]
         assert gpu["rel_output_error_reconstructed"] == pytest.approx(cpu["rel_output_error_reconstructed"], rel=0.05)
+
+
+def test_quantized_head_is_an_aser_linear(qwen2_aser_head, tiny_qwen2_tied, calib_text, tmp_path):
+    """--quantize-head: lm_head's ASER tensors replace its weight, the config unties it and lists it with a rank
+    from the budget, the embedding stays full precision, and the head's output error is reconstructed."""
+    from safetensors import safe_open
+
+    from offline.simulate import ReferenceASERLinear, load_reference_model
+    from vllm_aser import format as fmt
+
+    config = json.loads((qwen2_aser_head / "config.json").read_text())
+    quant = config["quantization_config"]
+    assert config["tie_word_embeddings"] is False
+    assert "lm_head" not in quant["ignore"] and quant["ranks"]["lm_head"] > 0
+    with safe_open(qwen2_aser_head / "model.safetensors", framework="pt") as fh:
+        names = set(fh.keys())
+    assert "lm_head.weight" not in names and fmt.tensor_name("lm_head", fmt.WEIGHT_PACKED) in names
+    assert "model.embed_tokens.weight" in names
+    report = json.loads((qwen2_aser_head / "aser_report.json").read_text())
+    head = next(layer for layer in report["layers"] if layer["name"] == "lm_head")
+    assert head["rel_output_error_reconstructed"] < head["rel_output_error_quantized"]
+    model = load_reference_model(qwen2_aser_head)
+    assert isinstance(model.lm_head, ReferenceASERLinear)
+    plain = quantize(tiny_qwen2_tied, tmp_path / "plain-head", calib_text, rank_budget=15.0, dtype="float32")
+    ids = torch.tensor([[5, 17, 33, 2, 90, 41]])
+    with torch.no_grad():
+        a, b = model(ids).logits, load_reference_model(plain)(ids).logits
+    assert not torch.allclose(a, b)  # the quantized head is what runs
+    assert (a - b).abs().max() < 0.5 * b.abs().max()

@@ -59,7 +59,9 @@ def reference_logprobs(model_dir: Path, prompt_ids: list[int], ids: list[int]) -
 # also runs with the reference kernel inside vLLM, which isolates loading. The rotated Qwen2 (tied embeddings
 # untied by the rotation, fitted to the full-precision model) measured 8.8e-5 (tolerance 2e-4). The Llama with
 # down_proj's input rotated online (the butterfly inside the native kernel, against the reference's float32 matmul)
-# keeps the shared-down-projection Llama's tolerance.
+# keeps the shared-down-projection Llama's tolerance. With the head quantized too (`--quantize-head`), every logit
+# passes through one more int8 rounding of the final hidden state: 2.4e-3 measured on an Intel Xeon with AMX
+# (tolerance 5e-3); the tokens stay exact.
 @pytest.mark.parametrize(
     "artifact,kernel,exact_tokens,tolerance",
     [
@@ -69,6 +71,7 @@ def reference_logprobs(model_dir: Path, prompt_ids: list[int], ids: list[int]) -
         ("qwen2_aser_fp32", "cpu", True, 1e-4),
         ("qwen2_aser_rotated", "cpu", True, 2e-4),
         ("llama_aser_mlp_rotated", "cpu", True, 2e-3),
+        ("qwen2_aser_head", "cpu", True, 5e-3),
     ],
 )
 def test_fp32_tokens_and_logprobs_match_reference(artifact, kernel, exact_tokens, tolerance, request, cpu_env):

@@ -10,6 +10,7 @@ from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMetho
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
 from vllm_aser import format as fmt
 
@@ -70,6 +71,13 @@ class ASERConfig(QuantizationConfig):
             from vllm_aser.moe_method import ASERMoEMethod
 
             return ASERMoEMethod(self.spec, prefix, layer.moe_config)
+        if isinstance(layer, ParallelLMHead):
+            # a head quantized by `aser-quantize --quantize-head` is in `ranks`; otherwise vLLM keeps it unquantized
+            if prefix not in self.spec.ranks or is_layer_skipped(prefix, self.spec.ignore, self.packed_modules_mapping):
+                return None
+            from vllm_aser.linear_method import ASERLinearMethod
+
+            return ASERLinearMethod(self.spec, [self.spec.rank_of(prefix)], prefix, self.spec.hadamard_of(prefix))
         if not isinstance(layer, LinearBase):
             return None
         if is_layer_skipped(prefix, self.spec.ignore, self.packed_modules_mapping):
