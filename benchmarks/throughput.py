@@ -38,8 +38,10 @@ METHODS = {  # name -> aser-quantize options (None: the unquantized model itself
     "aser": [],  # the defaults: ASER W4A8, 3% low-rank budget (SmolLM2: the quickstart's artifact when present)
     # the defaults plus down_proj's input rotated online (the cost of the runtime Hadamard, against `aser`)
     "aser-mlp-hadamard": ["--mlp-hadamard", "auto"],
+    # the defaults plus the head quantized (`--quantize-head`): the head's share of a decode step
+    "aser-head": ["--quantize-head"],
 }
-ABLATIONS = ("aser-mlp-hadamard",)  # run only when --only names them
+ABLATIONS = ("aser-mlp-hadamard", "aser-head")  # run only when --only names them
 # vLLM's CPU build has no compressed-tensors int8/int4 MoE method: the MoE model compares ASER with BF16 only
 MODEL_METHODS = {"qwen3-moe-random": ("bf16", "aser")}
 # vLLM's CPU build serves compressed-tensors int4 in BF16 through an AMX int4 x int8 kernel when the CPU has AMX

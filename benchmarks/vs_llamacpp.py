@@ -197,9 +197,10 @@ def main(argv: list[str] | None = None) -> int:
             engines[f"llamacpp-{qtype.lower()}"] = (
                 [str(llama_python), str(ROOT / "benchmarks" / "llamacpp_worker.py")],
                 {"gguf": str(path), "threads": os.cpu_count()}, llama_env())
-        dirs = throughput.prepare(model, assets, cache, log, list(VLLM_METHODS))
-        for method in VLLM_METHODS:
-            job = {"model": str(dirs[method]), "quantization": "aser" if method == "aser" else None}
+        methods = [*VLLM_METHODS, *(m for m in throughput.ABLATIONS if args.only and m in args.only.split(","))]
+        dirs = throughput.prepare(model, assets, cache, log, methods)
+        for method in methods:
+            job = {"model": str(dirs[method]), "quantization": "aser" if method.startswith("aser") else None}
             engines[method + args.label] = ([sys.executable, __file__, "--worker"], job, vllm_env(args.vllm_threads))
         if args.only:
             engines = {k: v for k, v in engines.items() if k in args.only.split(",")}

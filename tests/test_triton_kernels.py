@@ -178,14 +178,17 @@ def test_cuda_kernel_falls_back_to_triton_per_layer(monkeypatch, caplog):
 
     if not ON_CUDA:
         marlin_fakes.install(monkeypatch)
-    select._log_path_once.cache_clear()
+    from vllm_aser.kernels.path_log import KernelPathLog
+
+    monkeypatch.setattr(select, "PATHS", KernelPathLog())
     q, scale, inv_smooth, down, up, _ = random_layer(72, 96, 8, -1, torch.float16, seed=1)
     layer = nn.Module()
     layer.aser_act_dtype, layer.aser_out_features, layer.aser_act_bits = torch.float16, 72, 8
-    with caplog.at_level("INFO", logger="vllm.aser"):
-        select.CUDAKernel().prepare(layer, *to_dev(q, scale, inv_smooth, down, up), -1)
+    layer.aser_name = "model.layers.0.mlp.down_proj"
+    select.CUDAKernel().prepare(layer, *to_dev(q, scale, inv_smooth, down, up), -1)
     assert layer.aser_cuda_path == "triton"
-    assert "triton path for some layers (Marlin cannot run it: N x K = 72 x 96" in caplog.text
+    assert ("ASER cuda kernel: triton path for 1 layer (model.layers.0.mlp.down_proj): Marlin cannot run them: "
+            "N x K = 72 x 96") in select.PATHS.summary()[0]
 
 
 def test_gpu_benchmark_script_runs(tmp_path):

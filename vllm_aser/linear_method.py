@@ -15,6 +15,7 @@ from vllm.model_executor.parameter import (
 )
 
 from vllm_aser import format as fmt
+from vllm_aser.kernels.path_log import PATHS
 from vllm_aser.kernels.hadamard import block_hadamard_unscaled, kronecker_factors, native_hadamard_available
 from vllm_aser.kernels.reference import unpack_int
 from vllm_aser.kernels.select import select_kernel
@@ -109,6 +110,7 @@ class ASERLinearMethod(LinearMethodBase):
         layer.aser_weight_bits = spec.weight_bits
         layer.aser_name = self.prefix
         layer.aser_act_dtype = params_dtype
+        PATHS.expect()
 
     def _create_lowrank(self, layer: torch.nn.Module, in_part: int, out_total: int, loader) -> None:
         """Pre-fused checkpoint: the layer's own single pair. Shared: one down-projection for all fused sub-layers (each writes the same copy, like the smoothing
@@ -173,6 +175,7 @@ class ASERLinearMethod(LinearMethodBase):
         for name in fmt.ALL_SUFFIXES:
             if hasattr(layer, name):
                 delattr(layer, name)
+        PATHS.finished()
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if layer.aser_rotate_input == "native":  # a butterfly per block (b log b adds), one pass over x

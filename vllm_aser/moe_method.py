@@ -26,6 +26,7 @@ from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_aser import format as fmt
 from vllm_aser.kernels.reference import unpack_int
+from vllm_aser.kernels.path_log import PATHS
 from vllm_aser.kernels.select import select_kernel
 from vllm_aser.kernels.torch_ops import _LIB
 
@@ -69,6 +70,7 @@ class ASERMoEMethod(FusedMoEMethodBase):
     def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
                        **extra_weight_attrs):
         spec, inter = self.spec, intermediate_size_per_partition
+        PATHS.expect()
         parallel = layer.moe_config.moe_parallel_config
         if parallel.use_ep:
             raise ValueError(f"{self.prefix}: ASER MoE layers do not support expert parallelism; drop "
@@ -176,6 +178,7 @@ class ASERMoEMethod(FusedMoEMethodBase):
         layer.aser_experts = experts
         layer.aser_apply = self._run_experts
         _LAYERS[self.prefix] = layer
+        PATHS.finished()
 
     def get_fused_moe_quant_config(self, layer):
         return None

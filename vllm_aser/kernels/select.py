@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import vllm_aser.kernels.torch_ops  # noqa: F401  (registers the custom ops the kernels call)
+from vllm_aser.kernels.path_log import PATHS
 from vllm_aser.kernels import cpu_w4a8, marlin_w4a8
 from vllm_aser.kernels.reference import dequantize_weight
 
@@ -57,7 +58,7 @@ class CPUKernel:
             _keep(layer, "aser_inv_smooth", None if is_identity else inv_smooth.float().contiguous())
             # the layer's online input rotation runs inside the kernel's activation pass
             layer.aser_hadamard_fused = bool(getattr(layer, "aser_hadamard", 0))
-            _log_path_once("cpu", "native", cpu_w4a8.cpu_isa()[1])
+            _log_path("cpu", "native", cpu_w4a8.cpu_isa()[1], layer)
             return
         qmax = int8_weight_max()
         if group_size == -1 and int(q.abs().max()) <= qmax:
@@ -68,7 +69,7 @@ class CPUKernel:
             weight = torch.round(dequant / channel_scale).clamp(-qmax, qmax).to(torch.int8)
         amx = _amx_int8_available(*weight.shape, act_dtype, layer.aser_act_bits)
         layer.aser_cpu_path = "amx" if amx else "onednn"
-        _log_path_once("cpu", layer.aser_cpu_path, f"the native W4A8 kernel cannot run it: {reason}")
+        _log_path("cpu", layer.aser_cpu_path, f"fallback: the native W4A8 kernel cannot run them: {reason}", layer)
         if amx:
             _keep(layer, "aser_weight_packed", torch.ops._C.convert_weight_packed(weight.contiguous()))
             _keep(layer, "aser_weight_scale", channel_scale.reshape(-1).contiguous())
@@ -132,12 +133,9 @@ def _native_why_not(layer, q, down, up, group_size: int) -> str | None:
     return cpu_w4a8.why_not(bits, layer.aser_act_bits, q.shape[1], group_size, down, up)
 
 
-@functools.cache
-def _log_path_once(kernel: str, path: str, reason: str) -> None:
-    """One line per distinct (path, reason): the chain's choice is per layer, the log is not."""
-    from vllm.logger import init_logger
-
-    init_logger("vllm.aser").info("ASER %s kernel: %s path for some layers (%s)", kernel, path, reason)
+def _log_path(kernel: str, path: str, reason: str, layer) -> None:
+    """The layer's path, for the summary logged once every layer is prepared (vllm_aser/kernels/path_log.py)."""
+    PATHS.record(kernel, path, reason, getattr(layer, "aser_name", "?"))
 
 
 def _amx_int8_available(n: int, k: int, act_dtype: torch.dtype, act_bits: int) -> bool:
@@ -185,7 +183,7 @@ class CUDAKernel:
                 _keep(layer, f"aser_marlin_{field}", getattr(weights, field))
             own_bias = getattr(layer, "bias", None)
             _keep(layer, "aser_marlin_bias", None if own_bias is None else marlin_w4a8.permute_bias(own_bias.data))
-            _log_path_once("cuda", "marlin", "vLLM's Marlin W4A8 GEMM")
+            _log_path("cuda", "marlin", "vLLM's Marlin W4A8 GEMM", layer)
             return
         from vllm_aser.kernels.triton_w4a8 import UNIT, pack_int4_kn
 
@@ -198,7 +196,7 @@ class CUDAKernel:
         layer.aser_in_features = weight.in_features
         _keep(layer, "aser_packed", weight.packed)
         _keep(layer, "aser_scale", weight.scale)
-        _log_path_once("cuda", "triton", f"Marlin cannot run it: {reason}")
+        _log_path("cuda", "triton", f"fallback: Marlin cannot run them: {reason}", layer)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if layer.aser_cuda_path == "marlin":
