@@ -60,7 +60,6 @@ def quantize_gptq(
     if gram.shape != (in_features, in_features):
         raise ValueError(f"GPTQ: Hessian of shape {tuple(gram.shape)} does not match weight {tuple(w.shape)}")
     qmax = 2 ** (bits - 1) - 1
-    weight = w.double().clone()
     dead = gram.diagonal() <= 0
     if frozen is not None and frozen.numel():
         dead[frozen] = True
@@ -71,14 +70,14 @@ def quantize_gptq(
 
     # scales from the (frozen-zeroed) weight, as RTN would choose them (`clip`: with the Hessian diagonal as
     # importance), fixed before any error feedback
-    scale = choose_scales(weight.float(), bits, group_size, gram.diagonal().clamp(min=0) if clip else None)
+    scale = choose_scales(w.float(), bits, group_size, gram.diagonal().clamp(min=0) if clip else None)
     scale = scale.double()
     group_of = (torch.zeros(in_features, dtype=torch.long) if group_size == -1
                 else torch.arange(in_features) // group_size)
 
     order = torch.argsort(diagonal, descending=True, stable=True) if act_order else torch.arange(in_features)
-    weight = weight[:, order]
-    col_scale = scale[:, group_of[order]]  # [out, in] in processing order
+    weight = w.double()[:, order]
+    col_group = group_of[order].tolist()  # each processed column's scale group (no [out, in] scale copy)
     # the Hessian in processing order, reversed, in one gather (an n x n float64 copy is 0.6 GiB at n = 8960)
     backward = order.flip(0)
     hessian = gram.double()[backward[:, None], backward[None, :]]
@@ -97,7 +96,7 @@ def quantize_gptq(
         hblock = hinv[start:stop, start:stop]
         for i in range(stop - start):
             column = block[:, i]
-            s = col_scale[:, start + i]
+            s = scale[:, col_group[start + i]]
             codes = torch.clamp(torch.round(column / s), -qmax, qmax)
             q[:, start + i] = codes.to(torch.int8)
             err = (column - codes * s) / hblock[i, i]

@@ -122,7 +122,7 @@ def _base_quantize(
         cut[name] = w.clone()
         cut[name][:, outliers] = 0.0
     importance = gram.diagonal().clamp(min=0) if opts.clip == "mse" else None
-    stacked = torch.cat(list(cut.values()))
+    stacked = torch.cat(list(cut.values())) if len(cut) > 1 else next(iter(cut.values()))
     if opts.base == "rtn":
         q, scale = quantize_rtn(stacked, opts.w_bits, opts.group_size, importance)
     else:
