@@ -74,6 +74,14 @@ class QuantizedLinear:
                                               (self.spectrum.up, self.spectrum.down, self.spectrum.singular_values)))
         return self
 
+    def release(self) -> None:
+        """Drop the codes' and factors' storage once exported (shapes stay for the report): the export otherwise
+        held every layer twice, as results and as output tensors."""
+        self.q = self.q.to("meta")
+        if self.spectrum is not None:
+            self.spectrum = LowRankSpectrum(self.spectrum.up.to("meta"), self.spectrum.down.to("meta"),
+                                            self.spectrum.singular_values)
+
     def lowrank(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         if not self.rank or self.spectrum is None:
             return None

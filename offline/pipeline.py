@@ -320,6 +320,7 @@ def quantize_model(
         scheme, ct_format = ct.scheme_for(opts)
         for result in results:
             tensors.update(ct.compressed_tensors(result, scheme, ct_format, opts.group_size, dtype))
+            result.release()
         quant_config = ct.quantization_config(scheme, ct_format, ["lm_head"])
     else:
         cfg = fmt.ASERQuantConfig(
@@ -337,6 +338,7 @@ def quantize_model(
         )
         for result in results:
             tensors.update(quantized_tensors(result, cfg, dtype))
+            result.release()
         quant_config = cfg.to_dict()
 
     provenance = {
