@@ -22,7 +22,10 @@ from pathlib import Path
 TASKS = {
     "is_prime": ("Write a Python function `is_prime(n)` that returns True when the integer n is prime. Reply with "
                  "the code only, in one ```python block.",
-                 "assert [n for n in range(30) if is_prime(n)] == [2, 3, 5, 7, 11, 13, 17, 19, 23, 29]\n"
+                 # against trial division up to 1000: a run whose answer skipped divisors 7, 13, ... passed a
+                 # check of n < 30 only (it called 49 prime)
+                 "brute = lambda n: n > 1 and all(n % d for d in range(2, int(n ** 0.5) + 1))\n"
+                 "assert [n for n in range(1000) if is_prime(n)] == [n for n in range(1000) if brute(n)]\n"
                  "assert not is_prime(-7) and is_prime(7919)"),
     "merge_intervals": ("Write a Python function `merge_intervals(intervals)` that takes a list of [start, end] "
                         "pairs and returns the merged overlapping intervals, sorted by start. Reply with the code "
