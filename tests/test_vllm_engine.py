@@ -86,6 +86,19 @@ def test_fp32_tokens_and_logprobs_match_reference(artifact, kernel, exact_tokens
         assert max(abs(a - b) for a, b in zip(result["logprobs"], ref_logprobs)) < tolerance
 
 
+def test_compiled_fp32_tokens_and_logprobs_match_reference(llama_aser_fp32, cpu_env):
+    """The path users run: vLLM's compiled default (torch.compile over the model, the ASER linears as opaque
+    custom ops), not eager mode, to the same tolerance as eager. The negative control below
+    (test_logprob_checks_would_catch_a_broken_kernel) shows a zeroed low-rank branch moves these logprobs by
+    more than 10x this tolerance; the compiled bf16 path and its own control are in tests/test_vllm_server.py."""
+    results = run_vllm(cpu_env, model=str(llama_aser_fp32), dtype="float32", enforce_eager=False,
+                       expect_log="ASER cpu kernel: native path")
+    for result in results:
+        greedy, ref_logprobs = reference_logprobs(llama_aser_fp32, result["prompt_ids"], result["ids"])
+        assert result["ids"] == greedy
+        assert max(abs(a - b) for a, b in zip(result["logprobs"], ref_logprobs)) < 2e-3
+
+
 @pytest.mark.parametrize("artifact", ["llama_aser_bf16", "llama_aser_mlp_rotated"])
 def test_bf16_logprobs_close_to_reference(artifact, request, cpu_env):
     """bf16 keeps 8 mantissa bits (relative rounding 2^-9 per op), so logits drift by ~1e-2 through a model;

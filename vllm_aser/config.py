@@ -57,6 +57,12 @@ class ASERConfig(QuantizationConfig):
         if Path(model_name).is_dir():
             fmt.validate_checkpoint(model_name, self.spec)
 
+    def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
+        """vLLM renames some models' modules (its `hf_to_vllm_mapper`, e.g. multimodal wrappers that move the
+        text model under `language_model.`): the per-module ranks, rotations and ignore list follow. Called after
+        maybe_update_config, which checks the checkpoint under its own names."""
+        self.spec = self.spec.renamed(hf_to_vllm_mapper.map_name)
+
     def _sub_layer_names(self, prefix: str) -> list[str]:
         parent, _, leaf = prefix.rpartition(".")
         subs = self.packed_modules_mapping.get(leaf)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,20 @@ class ASERQuantConfig:
     def version_for(cls, input_hadamard: dict[str, int]) -> int:
         """The format version a writer must declare: the oldest that can describe the artifact."""
         return ROTATED_INPUT_FORMAT_VERSION if input_hadamard else FORMAT_VERSION
+
+    def renamed(self, map_weight_name: Callable[[str], str | None]) -> ASERQuantConfig:
+        """The same config with its module names (Hugging Face's, as the checkpoint has them) mapped the way the
+        engine maps the checkpoint's weight names (vLLM's `hf_to_vllm_mapper`), so per-module lookups find the
+        engine's names. A module is mapped through its `.weight` name (prefix rules such as `lm_head.` need the
+        dot); one the mapper would drop keeps its name."""
+
+        def rename(module: str) -> str:
+            mapped = map_weight_name(f"{module}.weight")
+            return mapped.removesuffix(".weight") if mapped else module
+
+        return replace(self, ranks={rename(k): v for k, v in self.ranks.items()},
+                       input_hadamard={rename(k): v for k, v in self.input_hadamard.items()},
+                       ignore=[rename(k) for k in self.ignore])
 
     def hadamard_of(self, module: str) -> int:
         """The module's input Hadamard block, 0 when its input is not rotated."""
