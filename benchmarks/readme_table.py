@@ -39,7 +39,7 @@ def speed_table(results: dict) -> list[str]:
     lines = ["| model | CPU, date | llama.cpp decode tok/s (GGUF) | **ASER** decode tok/s (× llama.cpp) | W8A8 | BF16 "
              "| 16 requests at once, out tok/s: llama.cpp / **ASER** | peak RSS: llama.cpp / ASER |",
              "|---|---|---|---|---|---|---|---|"]
-    for entry in results.values():
+    for key, entry in results.items():
         engines = entry["engines"]
         ref_name = next((k for k in engines if k.startswith("llamacpp")), None)
         if ref_name is None or "aser" not in engines:
@@ -47,7 +47,7 @@ def speed_table(results: dict) -> list[str]:
         ref, aser = engines[ref_name], engines["aser"]
         cell = lambda name: f"{engines[name]['decode_tok_s']:.1f}" if name in engines else "–"  # noqa: E731
         lines.append(
-            f"| {entry.get('model', '?')} | {short_machine(entry['machine'])}, {entry.get('date', '')} | "
+            f"| {entry.get('model', key)} | {short_machine(entry['machine'])}, {entry.get('date', '')} | "
             f"{ref['decode_tok_s']:.1f} ({ref_name.removeprefix('llamacpp-').upper()}) | "
             f"**{aser['decode_tok_s']:.1f}** ({aser['decode_tok_s'] / ref['decode_tok_s']:.2f}x) | {cell('w8a8')} | "
             f"{cell('bf16')} | {ref['batch16_tok_s']:.0f} / **{aser['batch16_tok_s']:.0f}** | "

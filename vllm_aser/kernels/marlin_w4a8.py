@@ -16,7 +16,6 @@ Needs a CUDA build of vLLM: nothing here runs on CPU except the packing and the 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
@@ -91,22 +90,25 @@ class MarlinWeights:
     is_k_full: bool
 
 
-@contextlib.contextmanager
-def _parameters_outside_an_engine():
-    """vLLM's parameter classes ask the tensor-parallel group for their rank when built. The holder below is
-    never loaded, so outside an engine (benchmarks, tests) rank 0 of 1 is supplied; inside one nothing changes."""
+def _ensure_parallel_state() -> None:
+    """vLLM's parameter classes ask the tensor-parallel group for their rank when built. Inside an engine it exists;
+    outside one (benchmarks, tests) a one-process group is set up through vLLM's own API, as its tests do, instead
+    of patching vLLM's functions."""
     from vllm.distributed import parallel_state
-    from vllm.model_executor import parameter
 
     if parallel_state.model_parallel_is_initialized():
-        yield
         return
-    saved = parameter.get_tensor_model_parallel_rank, parameter.get_tensor_model_parallel_world_size
-    parameter.get_tensor_model_parallel_rank, parameter.get_tensor_model_parallel_world_size = lambda: 0, lambda: 1
-    try:
-        yield
-    finally:
-        parameter.get_tensor_model_parallel_rank, parameter.get_tensor_model_parallel_world_size = saved
+    import socket
+
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with set_current_vllm_config(VllmConfig()):
+        parallel_state.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                                    distributed_init_method=f"tcp://127.0.0.1:{port}")
+        parallel_state.initialize_model_parallel(1, 1)
 
 
 def _no_loader(*args, **kwargs) -> None:
@@ -130,11 +132,11 @@ def prepare(q: torch.Tensor, scale: torch.Tensor, group_size: int, act_dtype: to
     fields = {f.name for f in dataclasses.fields(MPLinearLayerConfig)}
     config = MPLinearLayerConfig(**{key: value for key, value in settings.items() if key in fields})
     holder = nn.Module()  # no bias: vLLM's kernel would permute it in place
-    with _parameters_outside_an_engine():
-        holder.register_parameter("weight_packed", PackedvLLMParameter(
-            data=pack_uint4b8(q), input_dim=0, output_dim=1, packed_dim=0, packed_factor=8, weight_loader=_no_loader))
-        holder.register_parameter("weight_scale", GroupQuantScaleParameter(
-            data=scale.t().to(act_dtype).contiguous(), input_dim=0, output_dim=1, weight_loader=_no_loader))
+    _ensure_parallel_state()
+    holder.register_parameter("weight_packed", PackedvLLMParameter(
+        data=pack_uint4b8(q), input_dim=0, output_dim=1, packed_dim=0, packed_factor=8, weight_loader=_no_loader))
+    holder.register_parameter("weight_scale", GroupQuantScaleParameter(
+        data=scale.t().to(act_dtype).contiguous(), input_dim=0, output_dim=1, weight_loader=_no_loader))
     kernel = MarlinLinearKernel(config, "weight_packed", "weight_scale")
     kernel.process_weights_after_loading(holder)
     workspace = getattr(kernel, "workspace", None)
