@@ -26,3 +26,14 @@ def describe_machine() -> str:
     else:
         isa = "no AVX-512 VNNI, no AMX"
     return f"{os.cpu_count()}-core {platform.machine()} CPU ({model or 'unknown model'}, {isa}), {memory:.0f} GiB, no GPU"
+
+
+def machine_tag(description: str) -> str:
+    """A short name for the CPU kind of a describe_machine() line (results of different CPUs are kept apart
+    under it): vendor and the ISA that picks the kernels, e.g. 'Intel AMX', 'AMD AVX2'."""
+    vendor = "Intel" if "Intel" in description else "AMD" if "AMD" in description else "CPU"
+    if "AMX" in description and "no AMX" not in description:
+        return f"{vendor} AMX"
+    if "AVX-512 VNNI" in description and "no AVX-512 VNNI" not in description:
+        return f"{vendor} AVX-512"
+    return f"{vendor} AVX2"

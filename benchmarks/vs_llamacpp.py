@@ -179,12 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import throughput
-    from machine import describe_machine
+    from machine import describe_machine, machine_tag
 
     llama_python = ensure_llama_venv()
     out_dir = Path(args.out)
     results_file = out_dir / "vs_llamacpp.json"
-    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    results = keyed_by_machine(json.loads(results_file.read_text()) if results_file.exists() else {}, machine_tag)
     machine = describe_machine()
     for model in args.models:
         assets = json.loads(subprocess.run([sys.executable, "examples/prepare_assets.py", "--model", model], cwd=ROOT,
@@ -221,10 +221,10 @@ def main(argv: list[str] | None = None) -> int:
                     row = run_worker(cmd, {**base, "prompts": prompts}, env, log)
                 print("   " + ", ".join(f"{k} {v:.1f}" for k, v in row.items() if isinstance(v, float)), flush=True)
                 runs[name].append(row)
-        entry = results.setdefault(model, {})
+        entry = results.setdefault(f"{model} ({machine_tag(machine)})", {})
         if entry.get("machine") != machine:
             entry.clear()
-            entry["machine"] = machine
+            entry.update(model=model, machine=machine)
         entry["date"] = time.strftime("%Y-%m-%d")
         entry.setdefault("engines", {})
         for name, rows in runs.items():
@@ -243,6 +243,16 @@ def main(argv: list[str] | None = None) -> int:
 
         readme_table.main([])
     return 0
+
+
+def keyed_by_machine(results: dict, tag) -> dict:
+    """Results are kept per model and CPU kind ('smollm2 (AMD AVX2)'): older files keyed by model alone are
+    re-keyed from their machine line."""
+    out = {}
+    for key, entry in results.items():
+        model = entry.get("model", key)
+        out[key if "(" in key else f"{model} ({tag(entry['machine'])})"] = {"model": model, **entry}
+    return out
 
 
 def render(results: dict) -> str:
