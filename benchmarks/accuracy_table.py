@@ -43,7 +43,7 @@ class Row:
 
 # The base-quantizer and tuning rows keep the setting they were measured in (before rotation and the
 # full-precision fit target existed), so that each row changes one thing against its neighbours.
-UNROTATED = ("--rotate", "none", "--fit-target", "layer")
+UNROTATED = ("--rotate", "none")
 # The method ablation compares methods on the plain round-to-nearest base, as the paper does, whatever the
 # shipped defaults are; the base-quantizer section and the defaults row show what a better base adds.
 PLAIN = ("--base", "rtn", "--clip", "minmax", *UNROTATED)
@@ -124,13 +124,11 @@ def table_rows() -> list[Row]:
 
 
 def rotation_rows() -> list[Row]:
-    """Residual-stream rotation (--rotate hadamard) and the full-precision fit target (--fit-target model),
-    each alone and together, on the GPTQ + clipped-scales base (issue 18)."""
-    sec = ("Rotation (`--rotate hadamard`) and the full-precision fit target (`--fit-target model`), GPTQ + "
-           "clipped scales unless noted")
+    """Residual-stream rotation (--rotate hadamard) and what was tried on top of it, on the GPTQ + clipped-scales
+    base."""
+    sec = "Rotation (`--rotate hadamard`), GPTQ + clipped scales unless noted"
     # the residual rotation alone: down_proj's online rotation pinned off (the rot4- rows add it)
-    rot, fit = ("--rotate", "hadamard", "--mlp-hadamard", "none"), ("--fit-target", "model")
-    no_rot, no_fit = ("--rotate", "none"), ("--fit-target", "layer")
+    rot = ("--rotate", "hadamard", "--mlp-hadamard", "none")
     r4 = ("--rotate", "hadamard")
     g = ("--group-size", "128")
 
@@ -138,33 +136,28 @@ def rotation_rows() -> list[Row]:
         return Row(rid, sec, label, args, baseline=baseline)
 
     return [
-        row("rot-rtn", "`rtn`, rotated", "--method", "rtn", *rot, *no_fit),
-        row("rot-er-b3", "`er` budget 3%, rotated", "--method", "er", *rot, *no_fit),
-        row("rot-aser-b3", "`aser` budget 3%, rotated", "--method", "aser", *rot, *no_fit),
-        row("fit-aser-b3", "`aser` budget 3%, full-precision target (not rotated)", "--method", "aser", *no_rot, *fit),
-        row("rot-g128-aser-b3", "`aser` group 128 budget 3%, rotated", "--method", "aser", *g, *rot, *no_fit,
+        row("rot-rtn", "`rtn`, rotated", "--method", "rtn", *rot),
+        row("rot-er-b3", "`er` budget 3%, rotated", "--method", "er", *rot),
+        row("rot-aser-b3", "`aser` budget 3%, rotated", "--method", "aser", *rot),
+        row("rot-g128-aser-b3", "`aser` group 128 budget 3%, rotated", "--method", "aser", *g, *rot,
             baseline="g128-rtn"),
         Row("rot-aser-r64", sec, "`aser` rank 64, rotated, no MLP rotation (the defaults before `--mlp-hadamard` at a fixed rank; for the rank curve)",
-            ("--method", "aser", "--rank", "64", *rot, *no_fit), keep=True, curve="aser (defaults)"),
-        row("rot-aser-b3-fisher", "`aser` budget 3%, rotated, ranks weighted by output sensitivity "
-            "(`--rank-weight fisher`)", "--method", "aser", *rot, *no_fit, "--rank-weight", "fisher"),
+            ("--method", "aser", "--rank", "64", *rot), keep=True, curve="aser (defaults)"),
         row("rot-aser-r16", "`aser` rank 16 everywhere, rotated (uniform ranks at about the budget)", "--method",
-            "aser", "--rank", "16", *rot, *no_fit),
+            "aser", "--rank", "16", *rot),
         row("rot4-aser-b3", "`aser` budget 3%, rotated, and down_proj's input rotated online (Hadamard blocks of "
-            "512, `--mlp-hadamard 512`)", "--method", "aser", *r4, *no_fit, "--mlp-hadamard", "512"),
+            "512, `--mlp-hadamard 512`)", "--method", "aser", *r4, "--mlp-hadamard", "512"),
         row("rot4-aser-b3-h64", "`aser` budget 3%, rotated, down_proj's input rotated online in blocks of 64",
-            "--method", "aser", *r4, *no_fit, "--mlp-hadamard", "64"),
+            "--method", "aser", *r4, "--mlp-hadamard", "64"),
         row("rot4-g128-aser-b3", "`aser` group 128 budget 3%, rotated, down_proj's input rotated online (blocks of "
-            "512)", "--method", "aser", *g, *r4, *no_fit, "--mlp-hadamard", "512", baseline="g128-rtn"),
-        row("rot-aser-b3-refit", "`aser` budget 3%, rotated, scales refitted after rounding (`--refit-scales`)",
-            "--method", "aser", *rot, *no_fit, "--refit-scales"),
+            "512)", "--method", "aser", *g, *r4, "--mlp-hadamard", "512", baseline="g128-rtn"),
         # calibration set: the same 32k tokens in 16 windows of 2048 (the length scored) instead of 64 of 512,
         # twice the tokens, and ten times the Gram damping
         row("rot-aser-b3-ctx2048", "`aser` budget 3%, rotated, calibrated on 16 windows of 2048 tokens",
-            "--method", "aser", *rot, *no_fit, "--num-samples", "16", "--seq-len", "2048"),
+            "--method", "aser", *rot, "--num-samples", "16", "--seq-len", "2048"),
         row("rot-aser-b3-n128", "`aser` budget 3%, rotated, calibrated on 128 windows of 512 tokens",
-            "--method", "aser", *rot, *no_fit, "--num-samples", "128"),
-        row("rot-aser-b3-damp0.1", "`aser` budget 3%, rotated, Gram damping 0.1", "--method", "aser", *rot, *no_fit,
+            "--method", "aser", *rot, "--num-samples", "128"),
+        row("rot-aser-b3-damp0.1", "`aser` budget 3%, rotated, Gram damping 0.1", "--method", "aser", *rot,
             "--damp", "0.1"),
     ]
 
@@ -215,8 +208,8 @@ def resolved_options(row: Row) -> dict | None:
     so changing a default recomputes the rows it affects."""
     if not row.quantized:
         return None
-    from offline.cli import build_parser
-    from offline.options import QuantizeOptions
+    from vllm_aser_offline.cli import build_parser
+    from vllm_aser_offline.options import QuantizeOptions
 
     parsed = vars(build_parser().parse_args(["MODEL", "OUT", "--calib", "SOTU", *row.args]))
     return QuantizeOptions(**{k: v for k, v in parsed.items() if k in QuantizeOptions.__dataclass_fields__}).to_dict()
@@ -224,9 +217,10 @@ def resolved_options(row: Row) -> dict | None:
 
 # Options added after rows were cached, each with the value that reproduces the behaviour from before it
 # existed: a cached row without the option still matches a row that resolves to that value.
-ADDED_OPTIONS = {"rotate": "none", "fit_target": "layer", "moe_min_tokens": None, "device": "auto",
-                 "rank_weight": "relative", "mlp_hadamard": "none",
-                 "refit_scales": False}
+ADDED_OPTIONS = {"rotate": "none", "moe_min_tokens": None, "device": "auto", "mlp_hadamard": "none"}
+# Options since removed (they measured worse; docs/ACCURACY.md), each with the value the quantizer now always
+# uses: a cached row recorded with that value still matches, one recorded with another cannot be reproduced.
+REMOVED_OPTIONS = {"fit_target": "layer", "rank_weight": "relative", "refit_scales": False}
 # Option values that resolve to another on the table's model: SmolLM2's blocks are rotatable, so auto is hadamard
 RESOLVED_ON_SMOLLM2 = {"rotate": {"auto": "hadamard"}}
 
@@ -245,7 +239,11 @@ def is_cached(row: Row, results: dict) -> bool:
     if resolved.get("mlp_hadamard") == "auto":  # what auto does on SmolLM2 (MLP width 1536)
         applies = resolved["rotate"] == "hadamard" and resolved["group_size"] == -1 and resolved["export"] == "aser"
         resolved["mlp_hadamard"] = "512" if applies else "none"
-    return {**ADDED_OPTIONS, **rec.get("options", {})} == resolved
+    recorded = {**ADDED_OPTIONS, **rec.get("options", {})}
+    for option, value in REMOVED_OPTIONS.items():
+        if recorded.pop(option, value) != value:
+            return False
+    return recorded == resolved
 
 
 def row_command(row: Row) -> str:

@@ -161,7 +161,7 @@ def build_model(path: Path, tokenizer: Path, config: dict, layers: int, device: 
 def quantize(run: Run, name: str, source: Path, target: Path, calib: Path, options: list[str], device: str) -> dict:
     if (target / "config.json").exists():
         return {"rc": 0, "s": None, "cached": True}
-    rc, text, seconds = run.module(f"quantize-{name}", "offline", str(source), str(target), "--calib", str(calib),
+    rc, text, seconds = run.module(f"quantize-{name}", "vllm_aser_offline", str(source), str(target), "--calib", str(calib),
                                    "--device", device, "--overwrite", *options, timeout=900)
     return {"rc": rc, "s": round(seconds, 1), "tail": text.strip().splitlines()[-3:]}
 
@@ -177,7 +177,7 @@ def stage_engine(run: Run, opts) -> dict:
         return result
     for backend, dtype in (("reference", "float32"), ("vllm", "bfloat16"), ("vllm", "float16")):
         report = work / f"eval-{backend}-{dtype}.json"
-        rc, text, seconds = run.module(f"eval-{backend}-{dtype}", "offline.eval_cli", str(target), "--text",
+        rc, text, seconds = run.module(f"eval-{backend}-{dtype}", "vllm_aser_offline.evaluate.eval_cli", str(target), "--text",
                                        str(calib), "--window", "256", "--max-windows", "8", "--backend", backend,
                                        "--dtype", dtype, "--output", str(report), timeout=400)
         entry = {"rc": rc, "s": round(seconds, 1)}

@@ -19,11 +19,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples.prepare_assets import main as prepare  # noqa: E402
-from offline.calibration import read_texts, token_windows  # noqa: E402
-from offline.model_structure import capture_block_inputs, run_block, shared_input_groups  # noqa: E402
-from offline.source_model import open_source_model  # noqa: E402
-from offline.weight_quant import quantization_error, quantize_rtn  # noqa: E402
-from offline.whitening import ActivationStats, damped_cholesky, output_error_energy, whitened_svd  # noqa: E402
+from vllm_aser_offline.calibrate.calibration import read_texts, token_windows  # noqa: E402
+from vllm_aser_offline.model.model_structure import capture_block_inputs, run_block, shared_input_groups  # noqa: E402
+from vllm_aser_offline.model.source_model import open_source_model  # noqa: E402
+from vllm_aser_offline.quantize.weight_quant import quantization_error, quantize_rtn  # noqa: E402
+from vllm_aser_offline.quantize.whitening import ActivationStats, damped_cholesky, output_error_energy, whitened_svd  # noqa: E402
 
 
 def main() -> int:

@@ -76,7 +76,7 @@ def calibration_windows(model: Path, calib: str, suffixes: list[str] | None, tar
     sys.path.insert(0, str(ROOT))
     from transformers import AutoTokenizer
 
-    from offline.calibration import read_texts, token_windows
+    from vllm_aser_offline.calibrate.calibration import read_texts, token_windows
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     windows = token_windows(read_texts(calib, suffixes, tokenizer), tokenizer, NUM_SAMPLES, SEQ_LEN, 0)

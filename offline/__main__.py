@@ -1,3 +1,3 @@
-from offline.cli import main
+from vllm_aser_offline.cli import main
 
 raise SystemExit(main())

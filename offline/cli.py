@@ -6,15 +6,13 @@ import argparse
 import json
 import sys
 
-from offline import __version__
-from offline.options import (
+from vllm_aser_offline import __version__
+from vllm_aser_offline.options import (
     BASES,
     CLIPS,
     DEVICES,
     DTYPES,
     EXPORTS,
-    FIT_TARGETS,
-    RANK_WEIGHTS,
     METHODS,
     ROTATIONS,
     OptionsError,
@@ -71,19 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "residual rotation and per-channel weights (group scales measured worse with it), the largest "
                    "power of two dividing the MLP width, at most 512 (each tensor-parallel rank must hold whole "
                    "blocks); gated MLPs only (MoE experts are not rotated)")
-    p.add_argument("--fit-target", choices=FIT_TARGETS, default=defaults.fit_target,
-                   help="what GPTQ and the low-rank branch fit: layer (each layer's own weight on the quantized "
-                   "model's inputs) or model (the full-precision model's outputs, from a second calibration "
-                   "stream; experimental: far worse on SmolLM2, see docs/ACCURACY.md)")
     p.add_argument("--moe-min-tokens", type=int, default=defaults.moe_min_tokens,
                    help="MoE: an expert routed fewer calibration tokens than this is calibrated on every token "
                    "entering its layer instead (default: the expert's input width)")
     p.add_argument("--no-act-order", dest="act_order", action="store_false",
                    help="gptq: round columns in stored order instead of by decreasing Hessian diagonal")
-    p.add_argument("--refit-scales", action="store_true", default=defaults.refit_scales,
-                   help="after rounding, refit each row's (or group's) scales to minimize its output error on "
-                   "the calibration inputs, codes fixed (a least-squares step in the Gram matrix); experimental: "
-                   "lower error on the calibration text, higher perplexity on held-out text (docs/ACCURACY.md)")
     rank = p.add_mutually_exclusive_group()
     rank.add_argument("--rank", type=int, help="fixed rank of every low-rank branch (padded to a multiple of 8)")
     rank.add_argument("--rank-energy", type=float,
@@ -91,10 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--rank-budget", type=float, default=defaults.rank_budget,
                       help="extra parameters in percent of the quantized weights, allocated across all layers "
                       "where they remove the most output error (default rule)")
-    p.add_argument("--rank-weight", choices=RANK_WEIGHTS, default=defaults.rank_weight,
-                   help="--rank-budget: weigh each layer's output error by its own output energy (relative) or by "
-                   "the calibration loss's mean squared gradient at that output (fisher: one backward pass of the "
-                   "whole full-precision model over 16 calibration windows; experimental, see docs/ACCURACY.md)")
     p.add_argument("--max-rank", type=int, default=defaults.max_rank, help="cap on any layer's rank")
     p.add_argument("--alpha", type=float, default=defaults.alpha, help="smoothing migration strength")
     p.add_argument("--outliers", type=int, default=defaults.outliers,
@@ -130,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     except OptionsError as exc:
         print(f"aser-quantize: error: {exc}", file=sys.stderr)
         return 2
-    from offline.pipeline import quantize_model
+    from vllm_aser_offline.pipeline import quantize_model
 
     try:
         summary = quantize_model(args.model_dir, args.output_dir, args.calib, opts, args.overwrite, not args.quiet,

@@ -11,8 +11,6 @@ BASES = ("rtn", "gptq")
 CLIPS = ("minmax", "mse")
 EXPORTS = ("aser", "compressed-tensors")
 ROTATIONS = ("auto", "hadamard", "none")
-FIT_TARGETS = ("layer", "model")
-RANK_WEIGHTS = ("relative", "fisher")  # how the rank budget weighs a unit's output error (offline/sensitivity.py)
 DEVICES = ("auto", "cpu", "cuda")
 COMPRESSED_TENSORS_BITS = ((8, 8), (4, 16))  # W8A8 int8, W4A16
 
@@ -29,7 +27,6 @@ class QuantizeOptions:
     group_size: int = -1
     base: str = "gptq"
     act_order: bool = True
-    refit_scales: bool = False  # after rounding, each row's scales refitted to its output error
     clip: str = "mse"
     export: str = "aser"
     rank: int | None = None
@@ -40,10 +37,8 @@ class QuantizeOptions:
     outliers: int = 4
     damp: float = 0.01
     rotate: str = "auto"
-    quantize_head: bool = False  # lm_head as one more ASER linear (offline/head.py)
-    mlp_hadamard: str = "none"  # down_proj's input rotated at run time: auto, none, or a block (offline/mlp_rotation.py)
-    fit_target: str = "layer"
-    rank_weight: str = "relative"
+    quantize_head: bool = False  # lm_head as one more ASER linear (offline/quantize/head.py)
+    mlp_hadamard: str = "none"  # down_proj's input rotated at run time: auto, none, or a block (offline/transform/mlp_rotation.py)
     moe_min_tokens: int | None = None
     device: str = "auto"
     propagate_quantized: bool = True
@@ -73,10 +68,6 @@ class QuantizeOptions:
                                    "describes: use --mlp-hadamard none with --export compressed-tensors")
         if self.quantize_head and self.export != "aser":
             raise OptionsError("--quantize-head writes the head in the ASER format: use it with --export aser")
-        if self.fit_target not in FIT_TARGETS:
-            raise OptionsError(f"--fit-target must be one of {FIT_TARGETS}, got {self.fit_target!r}")
-        if self.rank_weight not in RANK_WEIGHTS:
-            raise OptionsError(f"--rank-weight must be one of {RANK_WEIGHTS}, got {self.rank_weight!r}")
         if self.w_bits not in (4, 8):
             raise OptionsError(f"--w-bits must be 4 or 8, got {self.w_bits}")
         if self.export not in EXPORTS:

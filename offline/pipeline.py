@@ -5,7 +5,7 @@ kernel), unless `propagate_quantized` is off. With the budget rank rule, blocks 
 uniform rank that spends the same budget, and the final ranks are allocated globally once every layer's
 spectrum is known (one SVD per layer serves any budget; no second calibration pass). With `--rotate hadamard`
 the embeddings and head are rotated before calibration and each block as it is materialized
-(offline/rotation.py), so calibration, GPTQ and the low-rank branch all see the rotated model.
+(offline/transform/rotation.py), so calibration, GPTQ and the low-rank branch all see the rotated model.
 """
 
 from __future__ import annotations
@@ -22,16 +22,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from offline import __version__
-from offline.calibration import normalize_suffixes, read_records, render, token_windows
-from offline.device import compute_device, to_device
-from offline.expert_calibration import moe_report, new_stats, recalibrate_starved_experts
-from offline.export import atomic_output_dir, copy_side_files, quantized_tensors, write_config, write_shards
-from offline.fit_target import CrossStats
-from offline.head import head_modules, quantize_head
-from offline.layer_quant import QuantizedLinear, quantize_group
-from offline.mlp_rotation import SIGN_SEED_OFFSET, mlp_hadamard_block, rotate_mlp_inner, why_not_rotatable
-from offline.model_structure import (
+from vllm_aser_offline import __version__
+from vllm_aser_offline.calibrate.calibration import normalize_suffixes, read_records, render, token_windows
+from vllm_aser_offline.model.device import compute_device, to_device
+from vllm_aser_offline.quantize.expert_calibration import moe_report, new_stats, recalibrate_starved_experts
+from vllm_aser_offline.export.export import atomic_output_dir, copy_side_files, quantized_tensors, write_config, write_shards
+from vllm_aser_offline.quantize.head import head_modules, quantize_head
+from vllm_aser_offline.quantize.layer_quant import QuantizedLinear, quantize_group
+from vllm_aser_offline.transform.mlp_rotation import SIGN_SEED_OFFSET, mlp_hadamard_block, rotate_mlp_inner, why_not_rotatable
+from vllm_aser_offline.model.model_structure import (
     InputHooks,
     UnsupportedModelError,
     capture_block_inputs,
@@ -39,18 +38,16 @@ from offline.model_structure import (
     run_block,
     shared_input_groups,
 )
-from offline.options import QuantizeOptions
-from offline.rank_allocation import LayerSpectrum, allocate_budget
-from offline.sensitivity import output_sensitivity, unit_sensitivity
-from offline.source_model import open_source_model
-from offline.report import build_report
-from offline.rotation import check_rotatable, head_dim, residual_rotation, rotate_block, rotate_outside
-from offline.simulate import ReferenceASERLinear, set_submodule
+from vllm_aser_offline.options import QuantizeOptions
+from vllm_aser_offline.quantize.rank_allocation import LayerSpectrum, allocate_budget
+from vllm_aser_offline.model.source_model import open_source_model
+from vllm_aser_offline.export.report import build_report
+from vllm_aser_offline.transform.rotation import check_rotatable, head_dim, residual_rotation, rotate_block, rotate_outside
+from vllm_aser_offline.evaluate.simulate import ReferenceASERLinear, set_submodule
 from vllm_aser import format as fmt
 from vllm_aser.kernels.reference import dequantize_weight
 
-logger = logging.getLogger("offline.pipeline")
-SENSITIVITY_WINDOWS = 16  # --rank-weight fisher: calibration windows of the backward pass
+logger = logging.getLogger("vllm_aser_offline.pipeline")
 
 
 @dataclass
@@ -73,39 +70,26 @@ def _simulated(result: QuantizedLinear, opts: QuantizeOptions, hadamard: int = 0
 
 
 def quantize_block(
-    block, block_prefix, inputs, opts, fp_inputs=None, hadamard: dict[str, int] | None = None
-) -> tuple[list[QuantizedLinear], list[torch.Tensor], list[torch.Tensor] | None]:
-    """Quantize one decoder block; return its results, the block's outputs (the next block's inputs) and, with
-    `fp_inputs` (the full-precision model's stream, for --fit-target model), the full-precision outputs.
-    `hadamard`: the block's linears whose input is rotated at run time (name in the block -> Hadamard block)."""
+    block, block_prefix, inputs, opts, hadamard: dict[str, int] | None = None
+) -> tuple[list[QuantizedLinear], list[torch.Tensor], list[dict]]:
+    """Quantize one decoder block; return its results, the block's outputs (the next block's inputs) and the
+    experts calibrated on all tokens. `hadamard`: the block's linears whose input is rotated at run time (name in
+    the block -> Hadamard block)."""
     hadamard = hadamard or {}
     groups = shared_input_groups(block, *inputs[0])
     stats = {tuple(g): new_stats(block, g) for g in groups}
-    cross = {key: CrossStats(s.gram.shape[0]) for key, s in stats.items()} if fp_inputs is not None else {}
-    captured: dict[tuple, torch.Tensor] = {}
-
-    def record(key, x):
-        stats[key].update(x)
-        if key in cross:
-            cross[key].update(captured.pop(key), x)
-
-    outputs, fp_outputs = [], [] if fp_inputs is not None else None
+    outputs = []
     with torch.no_grad():
-        for i, (hidden, kwargs) in enumerate(inputs):
-            if fp_inputs is not None:
-                with InputHooks(block, groups, captured.__setitem__):
-                    fp_outputs.append(run_block(block, fp_inputs[i][0], kwargs))
-            with InputHooks(block, groups, record):
+        for hidden, kwargs in inputs:
+            with InputHooks(block, groups, lambda key, x: stats[key].update(x)):
                 outputs.append(run_block(block, hidden, kwargs))
         starved = recalibrate_starved_experts(block, block_prefix, stats, inputs, opts)
         for entry in starved:
-            for key in entry.pop("groups"):
-                cross.pop(key, None)  # starved experts fit their own outputs on all tokens
+            entry.pop("groups")
         results = []
         for group in groups:
             linears = {f"{block_prefix}.{n}": block.get_submodule(n) for n in group}
-            key = tuple(group)
-            results.extend(quantize_group(linears, stats[key], opts, cross[key].cross if key in cross else None))
+            results.extend(quantize_group(linears, stats[tuple(group)], opts))
         if opts.propagate_quantized:
             originals = {}
             for name, result in zip([n for g in groups for n in g], results):
@@ -116,7 +100,7 @@ def quantize_block(
             # block (release_block frees parameters only), 0.3-0.4 GiB per block of a 1.5B model
             for name, module in originals.items():
                 set_submodule(block, name, module)
-    return results, outputs, fp_outputs, starved
+    return results, outputs, starved
 
 
 def unquantized_tensors(
@@ -146,21 +130,12 @@ def cast_outside_stack(model: torch.nn.Module, stack_prefix: str, dtype: torch.d
                 param.data = param.data.to(dtype)
 
 
-def allocate_ranks(results: list[QuantizedLinear], budget_percent: float,
-                   sensitivity: dict[str, float] | None = None) -> None:
-    """Global budget over low-rank units (a fused group with a shared down-projection, or one layer); with
-    `sensitivity` (offline/sensitivity.py) each unit's error is weighted by the loss's gradient at its outputs."""
+def allocate_ranks(results: list[QuantizedLinear], budget_percent: float) -> None:
+    """Global budget over low-rank units (a fused group with a shared down-projection, or one layer)."""
     units: dict[str, list[QuantizedLinear]] = {}
     for r in results:
         if r.spectrum is not None:
             units.setdefault(r.lowrank_unit, []).append(r)
-    weights = {name: unit_sensitivity([(m.name, m.out_features) for m in members], sensitivity)
-               for name, members in units.items()} if sensitivity is not None else {}
-    if None in weights.values():
-        missing = sorted(name for name, w in weights.items() if w is None)
-        logger.warning("--rank-weight fisher: no sensitivity for %d low-rank units (e.g. %s): every unit is "
-                       "weighted by its relative output error instead", len(missing), missing[0])
-        weights = {}
     spectra = [
         LayerSpectrum(
             name,
@@ -170,7 +145,6 @@ def allocate_ranks(results: list[QuantizedLinear], budget_percent: float,
             sum(m.reference_energy for m in members),
             members[0].spectrum.max_rank,
             members[0].min_rank,
-            weights.get(name),
         )
         for name, members in units.items()
     ]
@@ -244,9 +218,6 @@ def quantize_model(
     input_hadamard: dict[str, int] = {}
     samples = token_windows(texts, tokenizer, opts.num_samples, opts.seq_len, opts.seed)
     batches = list(samples.split(opts.batch_size))
-    sensitivity = None
-    if opts.rank_weight == "fisher" and opts.rank_budget is not None:
-        sensitivity = output_sensitivity(model_dir, samples[:SENSITIVITY_WINDOWS], progress)
     head_name = None
     keep_precision: set[str] = set()
     if opts.quantize_head:
@@ -257,8 +228,6 @@ def quantize_model(
     cast_outside_stack(model, stack.prefix, dtype, keep_precision)
     device = compute_device(opts.device)
     hidden = [h.to(device) for h in captured.hidden]
-    # the full-precision model's stream, kept beside the quantized one only when it differs and is the target
-    fp_hidden = list(hidden) if opts.fit_target == "model" and opts.propagate_quantized else None
 
     results: list[QuantizedLinear] = []
     starved: list[dict] = []
@@ -277,11 +246,9 @@ def quantize_model(
         block.to(device)
         kwargs = [to_device(kw, device) for kw in captured.kwargs[index]]
         inputs = list(zip(hidden, kwargs))
-        fp_inputs = None if fp_hidden is None else list(zip(fp_hidden, kwargs))
         # tensors the quantizer creates land beside the block (the context intercepts every torch call: GPU only)
         with torch.device(device) if device.type != "cpu" else contextlib.nullcontext():
-            block_results, hidden, fp_hidden, block_starved = quantize_block(block, prefix, inputs, opts, fp_inputs,
-                                                                             block_hadamard)
+            block_results, hidden, block_starved = quantize_block(block, prefix, inputs, opts, block_hadamard)
         results.extend(r.to("cpu") for r in block_results)
         starved.extend(block_starved)
         tensors.update(unquantized_tensors(block, prefix, {r.name for r in block_results}, dtype))
@@ -290,10 +257,10 @@ def quantize_model(
         bar.set_postfix(rss=f"{peak_rss_mib():.0f}MiB")
     if head_name is not None:
         results.append(quantize_head(model, stack, hidden, opts).to("cpu"))
-    del captured, hidden, fp_hidden, inputs, fp_inputs, kwargs
+    del captured, hidden, inputs, kwargs
 
     if opts.rank_budget is not None:
-        allocate_ranks(results, opts.rank_budget, sensitivity)
+        allocate_ranks(results, opts.rank_budget)
 
     # exported under the checkpoint's names (transformers 5 renames some on load, e.g. Mixtral's experts)
     rename = source.checkpoint_name
@@ -315,7 +282,7 @@ def quantize_model(
     tensors.update({rename(name): tensor for name, tensor in outside.items()})
     cfg = None
     if opts.export == "compressed-tensors":
-        from offline import export_compressed as ct
+        from vllm_aser_offline.export import export_compressed as ct
 
         scheme, ct_format = ct.scheme_for(opts)
         for result in results:

@@ -46,8 +46,8 @@ def tiny_qwen2(workdir) -> Path:
 
 
 def quantize(model: Path, out: Path, calib: Path, calib_suffixes: tuple[str, ...] | None = None, **options) -> Path:
-    from offline.options import QuantizeOptions
-    from offline.pipeline import quantize_model
+    from vllm_aser_offline.options import QuantizeOptions
+    from vllm_aser_offline.pipeline import quantize_model
 
     # unrotated unless asked: the engine tolerances were measured on these artifacts, and the rotated path has
     # its own fixtures (qwen2_aser_rotated, tests/test_rotation.py)
@@ -82,9 +82,9 @@ def tiny_qwen2_tied(workdir) -> Path:
 
 @pytest.fixture(scope="session")
 def qwen2_aser_rotated(workdir, tiny_qwen2_tied, calib_text) -> Path:
-    """Rotated residual stream (tied embeddings, so the head is untied) fitted to the full-precision model."""
+    """Rotated residual stream (tied embeddings, so the head is untied)."""
     return quantize(tiny_qwen2_tied, workdir / "qwen2-aser-rotated", calib_text, rank=8, group_size=64,
-                    dtype="float32", rotate="hadamard", fit_target="model")
+                    dtype="float32", rotate="hadamard")
 
 
 @pytest.fixture(scope="session")

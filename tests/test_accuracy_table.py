@@ -56,6 +56,16 @@ def test_rows_cached_before_an_option_existed_match_only_its_old_behaviour(table
     results = {rid: fake_record(table, rows[rid], 30.0) for rid in ("w4a8-aser-b3", "rot-aser-b3")}
     for rec in results.values():
         for option in table["ADDED_OPTIONS"]:
-            del rec["options"][option]  # recorded before --rotate / --fit-target existed
-    assert table["is_cached"](old, results)  # pins --rotate none --fit-target layer: the old behaviour
+            del rec["options"][option]  # recorded before --rotate existed
+    assert table["is_cached"](old, results)  # pins --rotate none: the old behaviour
     assert not table["is_cached"](rotated, results)
+
+
+def test_rows_cached_with_a_removed_option_match_only_at_its_kept_behaviour(table):
+    rows = {r.id: r for r in table["table_rows"]()}
+    row = rows["rot-aser-b3"]
+    kept, other = fake_record(table, row, 30.0), fake_record(table, row, 30.0)
+    kept["options"]["fit_target"] = "layer"  # what the quantizer still does
+    other["options"]["fit_target"] = "model"  # what it no longer can
+    assert table["is_cached"](row, {row.id: kept})
+    assert not table["is_cached"](row, {row.id: other})

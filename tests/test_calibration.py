@@ -8,7 +8,7 @@ import os
 import pytest
 from conftest import quantize
 
-from offline.calibration import CalibrationError, read_records, read_texts, render
+from vllm_aser_offline.calibrate.calibration import CalibrationError, read_records, read_texts, render
 
 
 def test_folder_reads_only_the_named_suffixes(tmp_path):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offline.gptq import quantize_gptq
-from offline.weight_quant import quantization_error, quantize_rtn
-from offline.whitening import damped_cholesky, output_error_energy, whitened_svd
+from vllm_aser_offline.quantize.gptq import quantize_gptq
+from vllm_aser_offline.quantize.weight_quant import quantization_error, quantize_rtn
+from vllm_aser_offline.quantize.whitening import damped_cholesky, output_error_energy, whitened_svd
 from tests.test_reconstruction import correlated_inputs
 
 
@@ -92,7 +92,7 @@ def test_gptq_rejects_a_mismatched_hessian():
 def test_clipped_scales_lower_the_weighted_rounding_error(group_size):
     """The mse clip search includes the absmax scale, so it is never worse on its own objective, and on
     Gaussian weights (long tails) it is clearly better; the output error follows."""
-    from offline.weight_quant import choose_scales
+    from vllm_aser_offline.quantize.weight_quant import choose_scales
 
     w, gram = layer(64, 200, seed=9)
     importance = gram.diagonal()
@@ -118,7 +118,7 @@ def test_gptq_with_clipped_scales():
 @pytest.mark.parametrize("width", [1, 7, 33, 130])
 def test_inverse_hessian_factor_is_the_upper_cholesky_of_the_inverse(width):
     """Given the Hessian in reversed order: R upper, R^T R = (H + damping)^-1, positive diagonal."""
-    from offline.gptq import _inverse_hessian_factor
+    from vllm_aser_offline.quantize.gptq import _inverse_hessian_factor
 
     _, gram = layer(3, width, seed=width)
     damp = 0.01

@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import quantize
 
-from offline.mlp_rotation import mlp_hadamard_block, rotate_mlp_inner, why_not_rotatable
-from offline.model_structure import UnsupportedModelError
-from offline.options import OptionsError, QuantizeOptions
-from offline.simulate import load_reference_model
+from vllm_aser_offline.transform.mlp_rotation import mlp_hadamard_block, rotate_mlp_inner, why_not_rotatable
+from vllm_aser_offline.model.model_structure import UnsupportedModelError
+from vllm_aser_offline.options import OptionsError, QuantizeOptions
+from vllm_aser_offline.evaluate.simulate import load_reference_model
 from vllm_aser import format as fmt
 from vllm_aser.kernels.hadamard import (
     block_hadamard,
@@ -88,8 +88,8 @@ def test_compressed_tensors_export_cannot_carry_an_online_rotation():
 
 
 def test_rotating_a_block_keeps_its_function(tiny_llama):
-    from offline.perplexity import load_torch_model
-    from offline.model_structure import find_decoder_stack
+    from vllm_aser_offline.evaluate.perplexity import load_torch_model
+    from vllm_aser_offline.model.model_structure import find_decoder_stack
 
     model = load_torch_model(tiny_llama, torch.float32)
     block = find_decoder_stack(model).layers[0]
@@ -115,14 +115,14 @@ def phi3_and_moe(workdir) -> dict:
 
 
 def test_moe_blocks_are_not_rotated(phi3_and_moe):
-    from offline.source_model import open_source_model
+    from vllm_aser_offline.model.source_model import open_source_model
 
     _, source = open_source_model(phi3_and_moe["qwen3_moe"])
     assert "MoE experts" in why_not_rotatable(source.materialize_block(0))
 
 
 def test_artifact_declares_the_rotation_and_the_reference_follows_the_model(llama_aser_mlp_rotated, tiny_llama):
-    from offline.perplexity import load_torch_model
+    from vllm_aser_offline.evaluate.perplexity import load_torch_model
 
     cfg = fmt.read_quant_config(llama_aser_mlp_rotated)
     assert cfg.format_version == 2

@@ -15,8 +15,8 @@ from conftest import quantize
 from safetensors import safe_open
 from tiny_models import FAMILIES, ROTATABLE_FAMILIES, build_family_model
 
-from offline.experts import UnfusedExperts
-from offline.model_structure import UnsupportedModelError, check_block_weights
+from vllm_aser_offline.model.experts import UnfusedExperts
+from vllm_aser_offline.model.model_structure import UnsupportedModelError, check_block_weights
 from vllm_aser import format as fmt
 
 
@@ -62,8 +62,8 @@ def test_every_decoder_weight_is_quantized_or_listed(family, family_models, fami
 
 def test_each_block_is_calibrated_with_its_own_attention_arguments(family_models):
     """Gemma 3's layer 0 is sliding-window and layer 1 global: different rotary tables (and masks) per block."""
-    from offline.model_structure import capture_block_inputs, find_decoder_stack
-    from offline.source_model import open_source_model
+    from vllm_aser_offline.model.model_structure import capture_block_inputs, find_decoder_stack
+    from vllm_aser_offline.model.source_model import open_source_model
 
     _, source = open_source_model(family_models["gemma3_text"])
     captured = capture_block_inputs(source.model, source.stack, [torch.arange(40).reshape(2, 20)])
@@ -89,10 +89,10 @@ def test_rotation_preserves_fused_and_moe_models(family, family_models):
     """Phi-3's fused qkv (values in its last rows) and gate_up; MoE routers, every expert's gate/up and down."""
     from transformers import AutoModelForCausalLM
 
-    from offline.experts import unfuse_stack_experts
-    from offline.model_structure import find_decoder_stack
-    from offline.rotation import check_rotatable, head_dim, residual_rotation, rotate_block, rotate_outside
-    from offline.source_model import checkpoint_naming
+    from vllm_aser_offline.model.experts import unfuse_stack_experts
+    from vllm_aser_offline.model.model_structure import find_decoder_stack
+    from vllm_aser_offline.transform.rotation import check_rotatable, head_dim, residual_rotation, rotate_block, rotate_outside
+    from vllm_aser_offline.model.source_model import checkpoint_naming
 
     model = AutoModelForCausalLM.from_pretrained(family_models[family], dtype=torch.float32).eval()
     stack = find_decoder_stack(model)
@@ -136,7 +136,7 @@ def test_unfused_experts_compute_the_fused_forward(family_models):
 
 
 def test_starved_experts_are_calibrated_on_all_tokens_and_reported(family_models, calib_text, tmp_path, capsys):
-    from offline.cli import main
+    from vllm_aser_offline.cli import main
 
     out = tmp_path / "starved"
     assert main([str(family_models["mixtral"]), str(out), "--calib", str(calib_text), "--num-samples", "4",
@@ -148,7 +148,7 @@ def test_starved_experts_are_calibrated_on_all_tokens_and_reported(family_models
     assert sum(s["routed_tokens"] for s in starved[:4]) == 4 * 64 * 2  # top-2 routing of 256 tokens in block 0
     err = capsys.readouterr().err
     assert "8 expert(s) saw fewer than 100000" in err and "kept in full precision: model.layers.*.block_sparse_moe" in err
-    from offline.report_summary import main as report_main
+    from vllm_aser_offline.export.report_summary import main as report_main
 
     assert report_main([str(out)]) == 0
     summary = capsys.readouterr().out

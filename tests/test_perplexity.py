@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from offline.calibration import CalibrationError
-from offline.eval_cli import main as eval_main
-from offline.perplexity import eval_windows, torch_perplexity
+from vllm_aser_offline.calibrate.calibration import CalibrationError
+from vllm_aser_offline.evaluate.eval_cli import main as eval_main
+from vllm_aser_offline.evaluate.perplexity import eval_windows, torch_perplexity
 
 WINDOW = 64
 
@@ -39,7 +39,7 @@ def test_too_short_text_names_the_fix(tiny_llama, tmp_path):
 
 def test_reference_perplexity_matches_independent_loss(llama_aser_fp32, calib_text):
     """The harness's figure equals exp(mean cross-entropy) from the reference model's own HF loss."""
-    from offline.simulate import load_reference_model
+    from vllm_aser_offline.evaluate.simulate import load_reference_model
 
     result = torch_perplexity(llama_aser_fp32, calib_text, WINDOW, max_windows=4, progress=False)
     tokenizer = AutoTokenizer.from_pretrained(llama_aser_fp32)
@@ -66,7 +66,7 @@ def test_quantized_perplexity_is_finite_and_above_source(tiny_llama, llama_aser_
 def test_lowrank_truncation_is_a_rank_sweep(llama_aser_fp32, calib_text):
     """Truncating the factors to the first r components is the rank-r reconstruction: full rank changes nothing,
     rank 0 drops the branch, and the modules really hold r components."""
-    from offline.simulate import load_reference_model, truncate_lowrank
+    from vllm_aser_offline.evaluate.simulate import load_reference_model, truncate_lowrank
 
     model = load_reference_model(llama_aser_fp32)
     assert truncate_lowrank(model, 8) > 0
@@ -93,7 +93,7 @@ def test_vllm_backend_agrees_with_reference(llama_aser_fp32, calib_text, cpu_env
     tiny model (SmolLM2's figure is in docs/ACCURACY.md)."""
     out = tmp_path / "vllm.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "offline.eval_cli", str(llama_aser_fp32), "--text", str(calib_text),
+        [sys.executable, "-m", "vllm_aser_offline.evaluate.eval_cli", str(llama_aser_fp32), "--text", str(calib_text),
          "--window", str(WINDOW), "--max-windows", "4", "--backend", "vllm", "--enforce-eager", "--quiet",
          "--output", str(out)],
         capture_output=True, text=True, env=cpu_env, timeout=600,

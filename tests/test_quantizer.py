@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import quantize
 
-from offline import pipeline
-from offline.calibration import CalibrationError
-from offline.cli import main as cli_main
-from offline.model_structure import UnsupportedModelError
-from offline.options import OptionsError, QuantizeOptions
-from offline.simulate import load_reference_model
+from vllm_aser_offline import pipeline
+from vllm_aser_offline.calibrate.calibration import CalibrationError
+from vllm_aser_offline.cli import main as cli_main
+from vllm_aser_offline.model.model_structure import UnsupportedModelError
+from vllm_aser_offline.options import OptionsError, QuantizeOptions
+from vllm_aser_offline.evaluate.simulate import load_reference_model
 from vllm_aser import format as fmt
 
 
@@ -183,7 +183,6 @@ def test_unsupported_model(tmp_path, calib_text):
         ({"export": "compressed-tensors", "method": "rtn", "w_bits": 4, "a_bits": 8}, "W4A16"),
         ({"a_bits": 16}, "only for --export compressed-tensors"),
         ({"rotate": "spin"}, "--rotate"),
-        ({"fit_target": "fp"}, "--fit-target"),
         ({"device": "tpu"}, "--device"),
         ({"moe_min_tokens": -1}, "--moe-min-tokens"),
     ],
@@ -203,13 +202,13 @@ def test_cli(tiny_llama, calib_text, tmp_path, capsys):
                      "--seq-len", "64", "--rank", "8", "--quiet", "--dtype", "float32"])
     assert code == 0
     assert json.loads(capsys.readouterr().out)["quantized_layers"] == 14
-    help_text = subprocess.run([sys.executable, "-m", "offline", "--help"], capture_output=True, text=True).stdout
+    help_text = subprocess.run([sys.executable, "-m", "vllm_aser_offline", "--help"], capture_output=True, text=True).stdout
     for option in ("--calib", "--rank-budget", "--rank-energy", "--method", "--group-size", "--no-propagate"):
         assert option in help_text
 
 
 def test_report_summary_lists_worst_layers_first(llama_aser_fp32, tmp_path, capsys):
-    from offline.report_summary import main as report_main
+    from vllm_aser_offline.export.report_summary import main as report_main
 
     assert report_main([str(llama_aser_fp32), "--top", "3"]) == 0
     text = capsys.readouterr().out
@@ -248,7 +247,7 @@ def test_quantized_head_is_an_aser_linear(qwen2_aser_head, tiny_qwen2_tied, cali
     from the budget, the embedding stays full precision, and the head's output error is reconstructed."""
     from safetensors import safe_open
 
-    from offline.simulate import ReferenceASERLinear, load_reference_model
+    from vllm_aser_offline.evaluate.simulate import ReferenceASERLinear, load_reference_model
     from vllm_aser import format as fmt
 
     config = json.loads((qwen2_aser_head / "config.json").read_text())

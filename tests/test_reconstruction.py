@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offline.layer_quant import error_curve
-from offline.rank_allocation import LayerSpectrum, allocate_budget, energy_rank, pad_rank
-from offline.weight_quant import quantization_error, quantize_rtn
-from offline.whitening import ActivationStats, damped_cholesky, output_error_energy, plain_svd, whitened_svd
+from vllm_aser_offline.quantize.layer_quant import error_curve
+from vllm_aser_offline.quantize.rank_allocation import LayerSpectrum, allocate_budget, energy_rank, pad_rank
+from vllm_aser_offline.quantize.weight_quant import quantization_error, quantize_rtn
+from vllm_aser_offline.quantize.whitening import ActivationStats, damped_cholesky, output_error_energy, plain_svd, whitened_svd
 
 
 def correlated_inputs(in_features: int, tokens: int, seed: int = 0) -> torch.Tensor:
@@ -43,7 +43,7 @@ def test_gram_streaming_equals_batch(layer):
 
 def test_wide_gram_in_symmetric_blocks_equals_batch():
     """Inputs wider than 2 * GRAM_BLOCK take the blocked path (the 8960-wide down_proj of a 1.5B model)."""
-    from offline.whitening import GRAM_BLOCK
+    from vllm_aser_offline.quantize.whitening import GRAM_BLOCK
 
     width = 2 * GRAM_BLOCK + 37  # the last block takes an odd remainder
     x = torch.randn(64, width, generator=torch.Generator().manual_seed(3)) * torch.logspace(0, 1, width)

@@ -1,4 +1,4 @@
-"""--rotate hadamard (residual-stream rotation folded into the weights) and --fit-target model."""
+"""--rotate hadamard (residual-stream rotation folded into the weights)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import torch
 from conftest import quantize
 from torch import nn
 
-from offline.fit_target import CrossStats, target_weights
-from offline.model_structure import DecoderStack, UnsupportedModelError, find_decoder_stack
-from offline.rotation import (
+from vllm_aser_offline.model.model_structure import DecoderStack, UnsupportedModelError, find_decoder_stack
+from vllm_aser_offline.transform.rotation import (
     check_rotatable,
     hadamard_matrix,
     head_dim,
@@ -19,7 +18,7 @@ from offline.rotation import (
     rotate_block,
     rotate_outside,
 )
-from offline.simulate import load_reference_model
+from vllm_aser_offline.evaluate.simulate import load_reference_model
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 12, 20, 28, 44, 72, 96, 128, 576, 768, 896, 1536])
@@ -124,7 +123,7 @@ def test_blocks_of_an_unknown_layout_are_refused_by_name():
 
 def test_quantizing_with_rotation_refuses_an_unknown_norm_and_writes_nothing(tiny_llama, calib_text, tmp_path,
                                                                           monkeypatch):
-    from offline import rotation
+    from vllm_aser_offline.transform import rotation
 
     monkeypatch.setattr(rotation, "NORMS", ("input_layernorm", "no_such_norm"))
     with pytest.raises(UnsupportedModelError, match="no no_such_norm"):
@@ -137,7 +136,6 @@ def test_rotated_artifact_loads_untied_with_unit_norms(qwen2_aser_rotated):
     assert config["tie_word_embeddings"] is False
     report = json.loads((qwen2_aser_rotated / "aser_report.json").read_text())
     assert report["provenance"]["rotation"] == {"kind": "hadamard", "untied_embeddings": True}
-    assert report["provenance"]["options"]["fit_target"] == "model"
     model = load_reference_model(qwen2_aser_rotated)
     assert model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
     norms = [p for n, p in model.named_parameters() if n.endswith("norm.weight") and "_norm" not in n]
@@ -167,54 +165,9 @@ def test_rotation_lowers_the_error_of_plain_rtn_on_outlier_channels(tiny_llama, 
     assert errors["hadamard"] < 0.7 * errors["none"], errors
 
 
-# --fit-target model
-
-
-def _streams(tokens=400, k=24, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x_fp = torch.randn(tokens, k, generator=gen, dtype=torch.float64)
-    # the quantized model's inputs: a systematic distortion of the full-precision ones (which a corrected weight
-    # can undo) plus noise (which it cannot)
-    mix = torch.eye(k, dtype=torch.float64) + 0.1 * torch.randn(k, k, generator=gen, dtype=torch.float64)
-    x_q = x_fp @ mix + 0.01 * torch.randn(tokens, k, generator=gen, dtype=torch.float64)
-    w = torch.randn(10, k, generator=gen, dtype=torch.float64)
-    return x_fp, x_q, w
-
-
-def test_target_weight_is_the_weight_when_both_streams_agree():
-    x_fp, _, w = _streams()
-    gram = x_fp.t() @ x_fp
-    torch.testing.assert_close(target_weights({"w": w.float()}, gram, gram, damp=0.01)["w"], w.float())
-
-
-def test_target_weight_solves_the_full_precision_least_squares_problem():
-    x_fp, x_q, w = _streams()
-    stats = CrossStats(w.shape[1])
-    stats.update(x_fp[:150].float(), x_q[:150].float())
-    stats.update(x_fp[150:].float(), x_q[150:].float())
-    target = target_weights({"w": w.float()}, stats.cross, x_q.t() @ x_q, damp=0.0)["w"].double()
-    expected = torch.linalg.lstsq(x_q, x_fp @ w.t()).solution.t()  # argmin_A ||X_f W^T - X_q A^T||
-    torch.testing.assert_close(target, expected, rtol=1e-4, atol=1e-4)
-    fit = lambda a: float((x_fp @ w.t() - x_q @ a.t()).norm())  # noqa: E731
-    assert fit(target) < 0.5 * fit(w)
-
-
-def test_fit_target_model_changes_the_artifact_and_keeps_it_valid(tiny_llama, calib_text, workdir):
-    from offline.simulate import ReferenceASERLinear
-
-    layer = quantize(tiny_llama, workdir / "llama-fit-layer", calib_text, rank=8, dtype="float32")
-    model = quantize(tiny_llama, workdir / "llama-fit-model", calib_text, rank=8, dtype="float32",
-                     fit_target="model")
-    a, b = load_reference_model(layer), load_reference_model(model)
-    first = [m.weight for m in a.modules() if isinstance(m, ReferenceASERLinear)]
-    second = [m.weight for m in b.modules() if isinstance(m, ReferenceASERLinear)]
-    # block 0 sees the same (unquantized) input in both streams; from block 1 on the targets differ
-    assert torch.equal(first[0], second[0])
-    assert any(not torch.equal(x, y) for x, y in zip(first, second))
-
 
 def test_cli_rotation_reports_the_untied_head(tiny_qwen2_tied, calib_text, tmp_path, capsys):
-    from offline.cli import main as cli_main
+    from vllm_aser_offline.cli import main as cli_main
 
     code = cli_main([str(tiny_qwen2_tied), str(tmp_path / "o"), "--calib", str(calib_text), "--num-samples", "4",
                      "--seq-len", "64", "--rank", "8", "--quiet", "--rotate", "hadamard"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from offline.source_model import open_source_model
+from vllm_aser_offline.model.source_model import open_source_model
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])

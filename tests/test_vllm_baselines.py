@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from offline.simulate import ReferenceASERLinear, set_submodule
+from vllm_aser_offline.evaluate.simulate import ReferenceASERLinear, set_submodule
 from tests.conftest import quantize
 from tests.test_vllm_engine import run_vllm
 from tests.tiny_models import build_tiny_model

@@ -35,7 +35,7 @@ def run_vllm(env: dict, timeout: int = 600, expect_log: str | None = None, **arg
 
 def reference_logprobs(model_dir: Path, prompt_ids: list[int], ids: list[int]) -> tuple[list[int], list[float]]:
     """Greedy tokens of the torch reference, and its logprobs of `ids` by teacher forcing."""
-    from offline.simulate import load_reference_model
+    from vllm_aser_offline.evaluate.simulate import load_reference_model
 
     model = load_reference_model(model_dir)
     with torch.no_grad():
@@ -57,7 +57,7 @@ def reference_logprobs(model_dir: Path, prompt_ids: list[int], ids: list[int]) -
 # Llama with separate ones, and Qwen2 with biases and group-32 scales, 4.8e-7 (tolerance 1e-4, left wider than
 # 2x for other CPUs' float orders; the int8 fallback measured 3.0e-2 on an AVX2-only EPYC). The Qwen2 artifact
 # also runs with the reference kernel inside vLLM, which isolates loading. The rotated Qwen2 (tied embeddings
-# untied by the rotation, fitted to the full-precision model) measured 8.8e-5 (tolerance 2e-4). The Llama with
+# untied by the rotation; measured 8.8e-5 when it was also fitted to the full-precision model, an option since removed) (tolerance 2e-4). The Llama with
 # down_proj's input rotated online (the butterfly inside the native kernel, against the reference's float32 matmul)
 # keeps the shared-down-projection Llama's tolerance. With the head quantized too (`--quantize-head`), every logit
 # passes through one more int8 rounding of the final hidden state: 2.4e-3 measured on an Intel Xeon with AMX

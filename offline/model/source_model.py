@@ -4,7 +4,7 @@ The model is built with its parameters on the meta device (buffers such as rotar
 for real at construction); embeddings, final norm and head are read from the safetensors files at once, each
 decoder block only when the pipeline reaches it, and released after it is quantized. MoE experts that
 transformers fuses into 3-D parameters are unfused into per-expert linears under the checkpoint's own names
-(offline/experts.py). Checkpoints whose tensor names differ from the model's are loaded whole instead, with
+(offline/model/experts.py). Checkpoints whose tensor names differ from the model's are loaded whole instead, with
 a warning.
 """
 
@@ -19,11 +19,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from offline.experts import unfuse_stack_experts
-from offline.model_structure import DecoderStack, UnsupportedModelError, find_decoder_stack
+from vllm_aser_offline.model.experts import unfuse_stack_experts
+from vllm_aser_offline.model.model_structure import DecoderStack, UnsupportedModelError, find_decoder_stack
 from vllm_aser.format import read_tensor_headers
 
-logger = logging.getLogger("offline.source_model")
+logger = logging.getLogger("vllm_aser_offline.model.source_model")
 
 
 class SourceCheckpoint:

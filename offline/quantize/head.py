@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from offline.layer_quant import QuantizedLinear, quantize_group
-from offline.model_structure import DecoderStack, UnsupportedModelError
-from offline.options import QuantizeOptions
-from offline.rotation import _final_norm
-from offline.whitening import ActivationStats
+from vllm_aser_offline.quantize.layer_quant import QuantizedLinear, quantize_group
+from vllm_aser_offline.model.model_structure import DecoderStack, UnsupportedModelError
+from vllm_aser_offline.options import QuantizeOptions
+from vllm_aser_offline.transform.rotation import _final_norm
+from vllm_aser_offline.quantize.whitening import ActivationStats
 
 
 def head_modules(model: nn.Module, stack: DecoderStack) -> tuple[str, nn.Linear, str, nn.Module]:

@@ -1,12 +1,12 @@
 """MoE experts' calibration: each expert from the tokens routed to it, and the stated rule for the experts the
-calibration text rarely reaches (offline/experts.py holds the unfused experts themselves)."""
+calibration text rarely reaches (offline/model/experts.py holds the unfused experts themselves)."""
 
 from __future__ import annotations
 
-from offline.experts import UnfusedExperts
-from offline.model_structure import InputHooks, run_block
-from offline.options import QuantizeOptions
-from offline.whitening import ActivationStats
+from vllm_aser_offline.model.experts import UnfusedExperts
+from vllm_aser_offline.model.model_structure import InputHooks, run_block
+from vllm_aser_offline.options import QuantizeOptions
+from vllm_aser_offline.quantize.whitening import ActivationStats
 
 
 def new_stats(block, group: list[str]) -> ActivationStats:

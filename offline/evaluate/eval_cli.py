@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from offline.calibration import CalibrationError
+from vllm_aser_offline.calibrate.calibration import CalibrationError
 from vllm_aser.format import FormatError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -51,12 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.backend == "vllm":
-            from offline.perplexity_vllm import vllm_perplexity
+            from vllm_aser_offline.evaluate.perplexity_vllm import vllm_perplexity
 
             result = vllm_perplexity(args.model_dir, args.text, args.window, args.max_windows, args.dtype,
                                      args.enforce_eager, not args.quiet, args.text_suffix)
         else:
-            from offline.perplexity import torch_perplexity
+            from vllm_aser_offline.evaluate.perplexity import torch_perplexity
 
             result = torch_perplexity(args.model_dir, args.text, args.window, args.max_windows,
                                       DTYPES[args.dtype], progress=not args.quiet,

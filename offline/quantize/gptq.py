@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from offline.weight_quant import choose_scales
+from vllm_aser_offline.quantize.weight_quant import choose_scales
 
 
 def _inverse_hessian_factor(reversed_hessian: torch.Tensor, damp: float) -> torch.Tensor:

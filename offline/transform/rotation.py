@@ -18,14 +18,14 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from offline.experts import UnfusedExperts
-from offline.model_structure import DecoderStack, UnsupportedModelError
+from vllm_aser_offline.model.experts import UnfusedExperts
+from vllm_aser_offline.model.model_structure import DecoderStack, UnsupportedModelError
 
-logger = logging.getLogger("offline.rotation")
+logger = logging.getLogger("vllm_aser_offline.transform.rotation")
 
 # The norms whose outputs the block's linears read, and the alternatives for those linears (the first one a block
 # has is used): Llama/Qwen/Mistral q/k/v and gate/up, Phi-3's fused qkv_proj and gate_up_proj; MoE blocks have
-# the router and every expert's gate/up instead (found from the unfused experts, offline/experts.py).
+# the router and every expert's gate/up instead (found from the unfused experts, offline/model/experts.py).
 NORMS = ("input_layernorm", "post_attention_layernorm")
 ATTENTION_READERS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.qkv_proj",))
 MLP_READERS = (("mlp.gate_proj", "mlp.up_proj"), ("mlp.gate_up_proj",))

@@ -17,8 +17,8 @@ from compressed_tensors.quantization import (
     QuantizationStrategy,
 )
 
-from offline.layer_quant import QuantizedLinear
-from offline.options import QuantizeOptions
+from vllm_aser_offline.quantize.layer_quant import QuantizedLinear
+from vllm_aser_offline.options import QuantizeOptions
 from vllm_aser.kernels.reference import dequantize_weight
 
 FORMATS = {(8, 8): "int-quantized", (4, 16): "pack-quantized"}  # (weight bits, activation bits) -> format

@@ -12,13 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from offline.fit_target import target_weights
-from offline.gptq import quantize_gptq
-from offline.options import QuantizeOptions
-from offline.rank_allocation import energy_rank, pad_rank, provisional_budget_rank
-from offline.smoothing import outlier_channels, smoothing_scales
-from offline.weight_quant import quantization_error, quantize_rtn, refit_scales
-from offline.whitening import (
+from vllm_aser_offline.quantize.gptq import quantize_gptq
+from vllm_aser_offline.options import QuantizeOptions
+from vllm_aser_offline.quantize.rank_allocation import energy_rank, pad_rank, provisional_budget_rank
+from vllm_aser_offline.transform.smoothing import outlier_channels, smoothing_scales
+from vllm_aser_offline.quantize.weight_quant import quantization_error, quantize_rtn
+from vllm_aser_offline.quantize.whitening import (
     ActivationStats,
     LowRankSpectrum,
     damped_cholesky,
@@ -136,8 +135,6 @@ def _base_quantize(
     else:
         q, scale = quantize_gptq(stacked, gram, opts.w_bits, opts.group_size, opts.damp, opts.act_order,
                                  frozen=outliers, clip=opts.clip == "mse")
-    if opts.refit_scales:
-        scale = refit_scales(stacked, q, scale, gram, opts.group_size)
     out, row = {}, 0
     for name, w in cut.items():
         out[name] = (q[row:row + w.shape[0]], scale[row:row + w.shape[0]])
@@ -149,16 +146,12 @@ def quantize_group(
     linears: dict[str, torch.nn.Linear],
     stats: ActivationStats,
     opts: QuantizeOptions,
-    cross: torch.Tensor | None = None,
 ) -> list[QuantizedLinear]:
-    """Smooth, extract, quantize and reconstruct every linear of one shared-input group. With `cross`
-    (X_fp^T X_q), every step fits the full-precision model's outputs instead (offline/fit_target.py)."""
+    """Smooth, extract, quantize and reconstruct every linear of one shared-input group."""
     weights = {name: lin.weight.detach().float() for name, lin in linears.items()}
     for name, w in weights.items():
         if not torch.isfinite(w).all():
             raise ValueError(f"weight of {name} contains NaN or inf: the source model is broken")
-    if cross is not None:
-        weights = target_weights(weights, cross, stats.gram)
     in_features = next(iter(weights.values())).shape[1]
     weight_max = torch.stack([w.abs().amax(dim=0) for w in weights.values()]).amax(dim=0)
 

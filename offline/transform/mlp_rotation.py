@@ -5,7 +5,7 @@ model runs down_proj on x D H, where D is a random +-1 per inner channel, folded
 (act(g) * (-u) = -(act(g) * u), exact for any activation), and H = blockdiag(H_b) / sqrt(b) is the block-diagonal
 Walsh-Hadamard transform the serving kernel applies (`input_hadamard` in the artifact). down_proj's weight becomes
 W D H (D and H are their own inverses), so in full precision nothing changes; quantized, its int4 weight and its
-int8 input have their outliers spread over each block of b channels. The residual rotation (offline/rotation.py) cannot do this: the
+int8 input have their outliers spread over each block of b channels. The residual rotation (offline/transform/rotation.py) cannot do this: the
 inner activation is produced by a nonlinearity, so no offline matrix reaches it.
 """
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from offline.experts import UnfusedExperts
-from offline.model_structure import UnsupportedModelError
+from vllm_aser_offline.model.experts import UnfusedExperts
+from vllm_aser_offline.model.model_structure import UnsupportedModelError
 from vllm_aser.kernels.hadamard import block_hadamard, is_valid_block
 
 GATED_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

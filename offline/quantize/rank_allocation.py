@@ -40,16 +40,14 @@ class LayerSpectrum:
     reference_energy: float  # ||W X||^2 of the layer: makes errors of different layers comparable
     max_rank: int
     min_rank: int = 0  # e.g. room for extracted outlier columns, which only the low-rank branch carries
-    sensitivity: float | None = None  # --rank-weight fisher: the loss's weight on this unit's output error
 
 
 def allocate_budget(layers: list[LayerSpectrum], budget_percent: float) -> dict[str, int]:
     """Spend `budget_percent` extra parameters (of all quantized weights) where they remove the most error.
 
     Each layer first gets its `min_rank` (even past the budget). Then units of 8 components are ranked by relative
-    output error removed per parameter (or, with sensitivities, by the loss increase they remove to second order:
-    offline/sensitivity.py); within a layer the
-    units come in descending order, so greedy selection yields prefixes (valid ranks) automatically.
+    output error removed per parameter; within a layer the units come in descending order, so greedy selection
+    yields prefixes (valid ranks) automatically.
     """
     total_params = sum(layer.out_features * layer.in_features for layer in layers)
     budget = budget_percent / 100 * total_params
@@ -61,9 +59,7 @@ def allocate_budget(layers: list[LayerSpectrum], budget_percent: float) -> dict[
         cost = RANK_MULTIPLE * (layer.out_features + layer.in_features)
         for start in range(layer.min_rank, layer.max_rank - RANK_MULTIPLE + 1, RANK_MULTIPLE):
             removed = float(energy[start : start + RANK_MULTIPLE].sum())
-            # relative output error (every layer alike), or the loss's second-order weight on the output error
-            gain = (removed * layer.sensitivity if layer.sensitivity is not None
-                    else removed / max(layer.reference_energy, 1e-30))
+            gain = removed / max(layer.reference_energy, 1e-30)  # relative output error: every layer alike
             units.append((gain / cost, cost, layer.name))
     units.sort(key=lambda u: -u[0])
     for _, cost, name in units:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from offline.layer_quant import QuantizedLinear
+from vllm_aser_offline.quantize.layer_quant import QuantizedLinear
 from vllm_aser import format as fmt
 from vllm_aser.kernels.reference import pack_int
 

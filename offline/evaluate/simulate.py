@@ -12,9 +12,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from offline.experts import unfuse_stack_experts
-from offline.model_structure import find_decoder_stack
-from offline.source_model import checkpoint_naming
+from vllm_aser_offline.model.experts import unfuse_stack_experts
+from vllm_aser_offline.model.model_structure import find_decoder_stack
+from vllm_aser_offline.model.source_model import checkpoint_naming
 from vllm_aser import format as fmt
 from vllm_aser.kernels.reference import aser_linear, dequantize_weight, unpack_int
 

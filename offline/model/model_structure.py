@@ -131,7 +131,7 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
 
 def shared_input_groups(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> list[list[str]]:
     """Names of the block's linears grouped by the input tensor they receive (q/k/v, gate/up, ...)."""
-    from offline.experts import UnfusedExperts
+    from vllm_aser_offline.model.experts import UnfusedExperts
 
     seen: OrderedDict[int, list[str]] = OrderedDict()
     keep_alive = []
@@ -175,7 +175,7 @@ def _slice_batch(kwargs: dict, n: int) -> dict:
 def check_block_weights(block: nn.Module, where: str) -> list[dict]:
     """The block's weights that stay in full precision besides norms (MoE routers), with the reason; any other
     weight outside an nn.Linear is refused by name, so that nothing is left unquantized in silence."""
-    from offline.experts import UnfusedExperts
+    from vllm_aser_offline.model.experts import UnfusedExperts
 
     modules = dict(block.named_modules())
     kept = []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from offline.layer_quant import QuantizedLinear
+from vllm_aser_offline.quantize.layer_quant import QuantizedLinear
 
 
 def layer_entry(result: QuantizedLinear) -> dict:

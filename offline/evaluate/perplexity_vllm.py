@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from offline.perplexity import PerplexityResult, eval_windows
+from vllm_aser_offline.evaluate.perplexity import PerplexityResult, eval_windows
 from vllm_aser.format import is_aser_model
 
 

@@ -73,37 +73,3 @@ def quantize_rtn(
 def quantization_error(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
     """E = W - dequant(Q(W)), float64."""
     return w.double() - dequantize_weight(q, scale, group_size).double()
-
-
-def refit_scales(
-    w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, gram: torch.Tensor, group_size: int
-) -> torch.Tensor:
-    """Scales [out, n_groups] that minimize the output error ||(W - s*Q) X||^2 for the codes already chosen.
-
-    Rounding fixes the codes against a scale picked before it; once the codes are known, the best scale of each
-    row (or of each group of a row) is a small least-squares problem in the Gram matrix G = X X^T:
-    (A G A^T) s = A G w^T, with A the row's codes split by group. A row whose system is singular or whose
-    solution is not positive keeps its scale.
-    """
-    out_features, in_features = q.shape
-    g = gram.double()
-    wd, qd = w.double(), q.double()
-    n_groups = scale.shape[1]
-    size = in_features if group_size == -1 else group_size
-    spans = [slice(k * size, min((k + 1) * size, in_features)) for k in range(n_groups)]
-    # P_k = Q[:, group k] G[group k, :]: the k-th group's codes seen through the Gram matrix
-    projected = [qd[:, span] @ g[span, :] for span in spans]
-    system = torch.empty(out_features, n_groups, n_groups, dtype=torch.float64, device=q.device)
-    rhs = torch.empty(out_features, n_groups, dtype=torch.float64, device=q.device)
-    for k, pk in enumerate(projected):
-        rhs[:, k] = (pk * wd).sum(dim=1)
-        for j, span in enumerate(spans):
-            system[:, k, j] = (pk[:, span] * qd[:, span]).sum(dim=1)
-    # a group whose codes are all zero (or never see any input) has no say: it keeps its scale
-    idle = system.diagonal(dim1=1, dim2=2) <= 0
-    system.diagonal(dim1=1, dim2=2)[idle] = 1.0
-    rhs[idle] = scale.double()[idle]
-    solution, info = torch.linalg.solve_ex(system, rhs.unsqueeze(-1))
-    solution = solution.squeeze(-1)
-    keep = (info != 0)[:, None] | (~torch.isfinite(solution) | (solution <= 0)).any(dim=1, keepdim=True)
-    return torch.where(keep, scale.double(), solution).float()

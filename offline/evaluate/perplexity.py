@@ -1,7 +1,7 @@
 """Perplexity on held-out text, in non-overlapping windows: the accuracy measure of the ablation table.
 
 Both backends score exactly the same token windows (from `eval_windows`), so their figures are comparable: the
-torch reference simulation here, and vLLM's prompt logprobs in `offline.perplexity_vllm`.
+torch reference simulation here, and vLLM's prompt logprobs in `vllm_aser_offline.evaluate.perplexity_vllm`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from offline.calibration import CalibrationError, read_texts
+from vllm_aser_offline.calibrate.calibration import CalibrationError, read_texts
 from vllm_aser.format import is_aser_model
 
 
@@ -61,7 +61,7 @@ def eval_windows(text: str | Path, tokenizer, window: int, max_windows: int | No
 def load_torch_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The reference simulation of an ASER directory, or the plain model of an unquantized one."""
     if is_aser_model(model_dir):
-        from offline.simulate import load_reference_model
+        from vllm_aser_offline.evaluate.simulate import load_reference_model
 
         return load_reference_model(model_dir, dtype)
     from transformers import AutoModelForCausalLM
@@ -95,7 +95,7 @@ def torch_perplexity(
     windows = eval_windows(text, tokenizer, window, max_windows, suffixes)
     model = load_torch_model(model_dir, dtype)
     if lowrank_rank is not None:
-        from offline.simulate import truncate_lowrank
+        from vllm_aser_offline.evaluate.simulate import truncate_lowrank
 
         truncate_lowrank(model, lowrank_rank)
     start = time.perf_counter()

@@ -1,0 +1,1 @@
+"""Calibration text: reading, checking and cutting it into token windows."""

@@ -1,0 +1,1 @@
+"""Writing the results: the ASER artifact, the compressed-tensors baselines, the report."""

@@ -1,0 +1,1 @@
+"""Equivalence transforms applied before quantization: Hadamard rotations and activation smoothing."""
