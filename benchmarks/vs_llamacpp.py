@@ -118,7 +118,7 @@ def vllm_worker() -> int:
     prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
     max_tokens = job["max_tokens"]
     t0 = time.perf_counter()
-    llm = LLM(job["model"], dtype="bfloat16", max_model_len=PROMPT_LEN + OUTPUT_LEN + 16,
+    llm = LLM(job["model"], dtype=job.get("dtype", "bfloat16"), max_model_len=PROMPT_LEN + OUTPUT_LEN + 16,
               max_num_seqs=max(CONCURRENCY), enable_prefix_caching=False, seed=0,
               quantization=job.get("quantization"))
     startup = time.perf_counter() - t0
@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vllm-threads", default="env",
                    help="'env' (scripts/cpu_env.sh's setting), 'vllm-auto' (vLLM's default), or a "
                         "VLLM_CPU_OMP_THREADS_BIND value such as 0-1")
+    p.add_argument("--vllm-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="vLLM's activation dtype (bfloat16 is emulated on CPUs without AVX-512 BF16 / AMX)")
     p.add_argument("--label", default="", help="suffix for the vLLM rows' names (e.g. -vllm-auto)")
     p.add_argument("--out", default=str(OUT_DIR))
     args = p.parse_args(argv)
@@ -200,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         methods = [*VLLM_METHODS, *(m for m in throughput.ABLATIONS if args.only and m in args.only.split(","))]
         dirs = throughput.prepare(model, assets, cache, log, methods)
         for method in methods:
-            job = {"model": str(dirs[method]), "quantization": "aser" if method.startswith("aser") else None}
+            job = {"model": str(dirs[method]), "quantization": "aser" if method.startswith("aser") else None,
+                   "dtype": args.vllm_dtype}
             engines[method + args.label] = ([sys.executable, __file__, "--worker"], job, vllm_env(args.vllm_threads))
         if args.only:
             engines = {k: v for k, v in engines.items() if k in args.only.split(",")}
@@ -233,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             med["reps"] = len(rows)
             if not name.startswith("llamacpp"):
                 med["vllm_threads"] = args.vllm_threads
+                med["dtype"] = args.vllm_dtype
             entry["engines"][name] = med
         out_dir.mkdir(parents=True, exist_ok=True)
         results_file.write_text(json.dumps(results, indent=2) + "\n")
