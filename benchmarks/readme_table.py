@@ -26,6 +26,10 @@ ACCURACY_COLUMNS = {  # row of vs_llmcompressor.json -> column heading
 }
 
 
+# the llama.cpp row each model is compared with (the targets' reference); else the first llama.cpp row
+REFERENCE_ENGINE = {"smollm2": "llamacpp-q4_0", "qwen2.5-coder-1.5b": "llamacpp-q4_k_m"}
+
+
 def short_machine(machine: str) -> str:
     """'2-core x86_64 CPU (Intel(R) Xeon(R) Processor, AMX-INT8/BF16), 24 GiB, no GPU' -> '2-core Intel Xeon, AMX'."""
     cores = machine.split(" ", 1)[0]
@@ -41,7 +45,9 @@ def speed_table(results: dict) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]
     for key, entry in results.items():
         engines = entry["engines"]
-        ref_name = next((k for k in engines if k.startswith("llamacpp")), None)
+        ref_name = REFERENCE_ENGINE.get(entry.get("model", ""))
+        if ref_name not in engines:
+            ref_name = next((k for k in engines if k.startswith("llamacpp")), None)
         if ref_name is None or "aser" not in engines:
             continue
         ref, aser = engines[ref_name], engines["aser"]
