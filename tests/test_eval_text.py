@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # scripts, not a package
 
-from examples.eval_text import plain_wiki_text  # noqa: E402
+from eval_text import plain_wiki_text  # noqa: E402
 
 
 def test_markup_is_stripped_to_prose():
