@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import torch
+from vllm import _custom_ops as vllm_ops
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_aser.kernels.reference import aser_linear
@@ -36,9 +37,7 @@ def _reference_fake(x, weight, inv_smooth, down, up, bias, act_bits) -> torch.Te
 def quantize_per_token(x: torch.Tensor, act_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic symmetric per-token int8 (vLLM's op for 8 bits; narrower grids in torch)."""
     if act_bits == 8:
-        from vllm import _custom_ops as ops
-
-        x_q, x_s, _ = ops.onednn_scaled_int8_quant(x, None, None, True)
+        x_q, x_s, _ = vllm_ops.onednn_scaled_int8_quant(x, None, None, True)
         return x_q, x_s
     qmax = 2 ** (act_bits - 1) - 1
     scale = x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-10) / qmax
