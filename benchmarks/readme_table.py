@@ -13,6 +13,10 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_tag  # noqa: E402
+from vs_llamacpp import reference_engine  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SPEED = ROOT / "docs" / "throughput" / "vs_llamacpp.json"
 ACCURACY = ROOT / "docs" / "accuracy" / "vs_llmcompressor.json"
@@ -26,17 +30,12 @@ ACCURACY_COLUMNS = {  # row of vs_llmcompressor.json -> column heading
 }
 
 
-# the llama.cpp row each model is compared with (the targets' reference); else the first llama.cpp row
-REFERENCE_ENGINE = {"smollm2": "llamacpp-q4_0", "qwen2.5-coder-1.5b": "llamacpp-q4_k_m"}
-
-
 def short_machine(machine: str) -> str:
     """'2-core x86_64 CPU (Intel(R) Xeon(R) Processor, AMX-INT8/BF16), 24 GiB, no GPU' -> '2-core Intel Xeon, AMX'."""
     cores = machine.split(" ", 1)[0]
     inside = machine[machine.find("(") + 1:machine.rfind(")")] if "(" in machine else machine
-    model, _, isa = inside.replace("(R)", "").replace(" Processor", "").partition(", ")
-    isa = "AMX" if "AMX-INT8" in isa else "AVX-512 VNNI" if isa.startswith("AVX-512 VNNI") else "AVX2"
-    return f"{cores} {model.strip()}, {isa}"
+    model = inside.replace("(R)", "").replace(" Processor", "").partition(", ")[0]
+    return f"{cores} {model.strip()}, {machine_tag(machine).split(' ', 1)[1]}"
 
 
 def speed_table(results: dict) -> list[str]:
@@ -45,9 +44,7 @@ def speed_table(results: dict) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]
     for key, entry in results.items():
         engines = entry["engines"]
-        ref_name = REFERENCE_ENGINE.get(entry.get("model", ""))
-        if ref_name not in engines:
-            ref_name = next((k for k in engines if k.startswith("llamacpp")), None)
+        ref_name = reference_engine(entry.get("model", key), engines)
         if ref_name is None or "aser" not in engines:
             continue
         ref, aser = engines[ref_name], engines["aser"]

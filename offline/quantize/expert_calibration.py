@@ -29,8 +29,7 @@ def recalibrate_starved_experts(block, block_prefix: str, stats: dict, inputs, o
             if routed < needed:
                 experts.calibrate_on_all.add(e)
                 keys += [gate_up, down]
-                starved.append({"expert": f"{block_prefix}.{name}.{e}", "routed_tokens": routed,
-                                "groups": (gate_up, down)})
+                starved.append({"expert": f"{block_prefix}.{name}.{e}", "routed_tokens": routed})
     if not starved:
         return []
     for key in keys:
