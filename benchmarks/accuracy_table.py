@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     log = work / "accuracy_table.log"
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from machine import describe_machine
+    from harness.machine import describe_machine
 
     results["_machine"] = describe_machine()
     for row in selected:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe_machine  # noqa: E402
+from harness.machine import describe_machine  # noqa: E402
 
 SHAPES = {  # (N, K) per decoder linear, q/k/v and gate/up fused as vLLM runs them
     "8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},

@@ -1,4 +1,5 @@
-"""One-shot GPU measurement run: everything issue 17 and 19 ask of a lent GPU, in stages that fit its minutes.
+"""One-shot GPU measurement run: what the CUDA path must show (kernels, end to end, throughput), in stages that
+fit a short GPU session.
 
 Runs on the device machine (vLLM carried there by benchmarks/gpu_carry/, see docs/CUDA.md) and, with `--tiny`, on
 any machine with vLLM (the CPU rehearsal: same code paths, small shapes). Stages, in order of value; each is
@@ -34,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from random_llama import save_random_model, write_random_text  # noqa: E402
+from harness.random_llama import save_random_model, write_random_text  # noqa: E402
 from throughput import METHODS as QUANTIZE_OPTIONS  # noqa: E402
 
 STAGES = ("facts", "tests", "kernels", "engine", "quantize", "throughput")

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_tag  # noqa: E402
+from harness.machine import machine_tag  # noqa: E402
 from vs_llamacpp import reference_engine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

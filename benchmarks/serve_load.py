@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     work = source.parents[1] / "bench"
     work.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from machine import describe_machine
+    from harness.machine import describe_machine
 
     results = {"_machine": describe_machine()}
     for name, model_dir in (("aser", aser), ("bf16", source)):

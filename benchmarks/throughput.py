@@ -8,7 +8,8 @@ bytes on disk and the engine start-up time. Writes docs/throughput/{results.json
 
     python benchmarks/throughput.py [--models smollm2 llama-1b-random qwen3-moe-random] [--only aser,bf16] [--out DIR]
 
-The random Qwen3-MoE (benchmarks/random_moe.py) runs BF16 and ASER only.
+The random Qwen3-MoE (benchmarks/harness/random_moe.py) runs BF16 and ASER only (and, with --only naming it,
+aser-moe-per-expert: the same ASER artifact with each expert run as its own call).
 """
 
 from __future__ import annotations
@@ -40,14 +41,18 @@ METHODS = {  # name -> aser-quantize options (None: the unquantized model itself
     "aser-mlp-hadamard": ["--mlp-hadamard", "auto"],
     # the defaults plus the head quantized (`--quantize-head`): the head's share of a decode step
     "aser-head": ["--quantize-head"],
+    # the `aser` artifact with each MoE expert its own native call (VLLM_ASER_MOE_PER_EXPERT=1), against the
+    # default one grouped call per layer
+    "aser-moe-per-expert": "aser",
 }
-ABLATIONS = ("aser-mlp-hadamard", "aser-head")  # run only when --only names them
+ABLATIONS = ("aser-mlp-hadamard", "aser-head", "aser-moe-per-expert")  # run only when --only names them
 # vLLM's CPU build has no compressed-tensors int8/int4 MoE method: the MoE model compares ASER with BF16 only
-MODEL_METHODS = {"qwen3-moe-random": ("bf16", "aser")}
+MODEL_METHODS = {"qwen3-moe-random": ("bf16", "aser", "aser-moe-per-expert")}
 # vLLM's CPU build serves compressed-tensors int4 in BF16 through an AMX int4 x int8 kernel when the CPU has AMX
 # (VLLM_CPU_INT4_W4A8=1, its default); that kernel needs input sizes that are multiples of 128 and fails to load
 # SmolLM2 (hidden size 576). There the W4A16 row runs vLLM's weight-only int4 kernel instead.
-METHOD_ENV = {("smollm2", "w4a16"): {"VLLM_CPU_INT4_W4A8": "0"}}
+METHOD_ENV = {("smollm2", "w4a16"): {"VLLM_CPU_INT4_W4A8": "0"},
+              ("qwen3-moe-random", "aser-moe-per-expert"): {"VLLM_ASER_MOE_PER_EXPERT": "1"}}
 
 
 def sh(cmd: list[str], log: Path, env: dict | None = None, timeout: int = 7200) -> str:
@@ -70,8 +75,8 @@ def prepare(model: str, assets: dict, cache: Path, log: Path, methods: list[str]
     if model in ("smollm2", "qwen2.5-coder-1.5b"):  # real models (examples/prepare_assets.py)
         source, calib, extra = Path(assets["model"]), assets["calib"], []
     else:
-        from random_llama import build_random_llama, write_random_text  # benchmarks/ is on sys.path (main)
-        from random_moe import build_random_qwen3_moe
+        from harness.random_llama import build_random_llama, write_random_text  # benchmarks/ is on sys.path
+        from harness.random_moe import build_random_qwen3_moe
 
         source = (build_random_llama(cache / "llama-1b-random", Path(assets["model"])) if model == "llama-1b-random"
                   else build_random_qwen3_moe(cache / "qwen3-moe-random", Path(assets["model"])))
@@ -86,9 +91,13 @@ def prepare(model: str, assets: dict, cache: Path, log: Path, methods: list[str]
         if options is None:
             dirs[method] = source
             continue
-        out = cache / f"{model}-{method}"
+        if isinstance(options, str):  # another method's artifact, served differently (METHOD_ENV)
+            options, method_dir = METHODS[options], options
+        else:
+            method_dir = method
+        out = cache / f"{model}-{method_dir}"
         quickstart = source.parent / f"{source.name}-aser"
-        if method == "aser" and model == "smollm2" and (quickstart / "config.json").exists():
+        if method_dir == "aser" and model == "smollm2" and (quickstart / "config.json").exists():
             out = quickstart
         if not (out / "config.json").exists():
             print(f"  quantizing {model} -> {method}", flush=True)
@@ -203,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     import vllm
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from machine import describe_machine
+    from harness.machine import describe_machine
 
     results.pop("_machine", None)  # per model since the machine can differ between sessions
     machine = describe_machine()

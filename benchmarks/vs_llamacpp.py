@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import throughput
-    from machine import describe_machine, machine_tag
+    from harness.machine import describe_machine, machine_tag
 
     llama_python = ensure_llama_venv()
     out_dir = Path(args.out)
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         engines: dict[str, tuple[list[str], dict, dict[str, str]]] = {}
         for qtype, path in gguf_files(model, Path(assets["gguf"]), cache, llama_python).items():
             engines[f"llamacpp-{qtype.lower()}"] = (
-                [str(llama_python), str(ROOT / "benchmarks" / "llamacpp_worker.py")],
+                [str(llama_python), str(ROOT / "benchmarks" / "harness" / "llamacpp_worker.py")],
                 {"gguf": str(path), "threads": os.cpu_count()}, llama_env())
         methods = [*VLLM_METHODS, *(m for m in throughput.ABLATIONS if args.only and m in args.only.split(","))]
         dirs = throughput.prepare(model, assets, cache, log, methods)

@@ -22,6 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness.machine import machine_tag  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "docs" / "accuracy"
 RESULTS = OUT_DIR / "vs_llmcompressor.json"
@@ -105,6 +108,15 @@ def score(model_dir: Path, texts: dict[str, tuple[str, list[str]]], windows: int
     return scores
 
 
+def machines_line(rows: dict, default: str) -> str:
+    """The CPUs the rows ran on: quantize times are only comparable between rows of one CPU."""
+    machines = sorted({row.get("machine", default) for row in rows.values()})
+    if len(machines) < 2:
+        return machines[0] if machines else default
+    return "; ".join(f"{machine_tag(m)} = {m}" for m in machines) + " (each row names its CPU kind; perplexity " \
+        "does not depend on the CPU, quantize time does)"
+
+
 def render(results: dict) -> str:
     lines = ["# ASER against llm-compressor", "",
              "Written by `python benchmarks/vs_llmcompressor.py`; do not edit by hand. Same calibration windows "
@@ -113,9 +125,11 @@ def render(results: dict) -> str:
              "share of the RTN-to-source perplexity gap removed, on each text.", ""]
     for key, entry in results.items():
         rows = entry["rows"]
+        machines = {row.get("machine", entry["machine"]) for row in rows.values()}
         texts = list(next(iter(rows.values()))["scores"]) if rows else []
         lines += [f"## {entry['model']}, calibrated on {entry['calib']}", "",
-                  f"Machine: {entry['machine']}; {entry['date']}. Source model: {entry['source_note']}", "",
+                  f"Machine: {machines_line(rows, entry['machine'])}; {entry['date']}. "
+                  f"Source model: {entry['source_note']}", "",
                   "| row | " + " | ".join(f"{t} ppl | gap closed" for t in texts) + " | quantize time | peak RSS |",
                   "|---|" + "---|---|" * len(texts) + "---|---|"]
         for name, row in rows.items():
@@ -132,7 +146,8 @@ def render(results: dict) -> str:
                 cells += [f"{s['ppl']:.3f}", gap]
             time_cell = f"{row['quantize_seconds'] / 60:.1f} min" if "quantize_seconds" in row else ""
             rss_cell = f"{row['peak_rss_mib'] / 1024:.1f} GiB" if "peak_rss_mib" in row else ""
-            lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + f" | {time_cell} | {rss_cell} |")
+            label = LABELS.get(name, name) + ("" if len(machines) < 2 else f" ({machine_tag(row['machine'])})")
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {time_cell} | {rss_cell} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -147,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh", action="store_true", help="recompute rows already in the results file")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from machine import describe_machine
+    from harness.machine import describe_machine
 
     assets = json.loads(subprocess.run([sys.executable, "examples/prepare_assets.py", "--model", args.model,
                                         "--eval-text"], cwd=ROOT, check=True, capture_output=True, text=True).stdout)
@@ -163,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     key = f"{args.model}/{args.calib}"
     machine = describe_machine()
     entry = results.setdefault(key, {"rows": {}})
-    if entry.get("machine") != machine or entry.get("windows") != args.windows:
+    if entry.get("windows") != args.windows:  # scores over other text are not comparable; a row's CPU is its own
         entry["rows"] = {}
+    for row in entry["rows"].values():  # rows from before rows named their machine
+        row.setdefault("machine", entry.get("machine", machine))
     entry.update(model=args.model, calib=f"{args.calib} ({Path(calib).name})", machine=machine,
                  windows=args.windows, date=time.strftime("%Y-%m-%d"),
                  source_note="dequantized from a 4-bit GGUF (its weights already lie on a 4-bit grid)")
@@ -177,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"{name}: ...", flush=True)
         artifact = cache / name
-        record: dict = {}
+        record: dict = {"machine": machine}
         if name == "source":
             artifact = model
         elif name in OURS:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The accuracy table (issue 4): sets up .venv, fetches the model and text, runs benchmarks/accuracy_table.py.
+# The accuracy table: sets up .venv, fetches the model and text, runs benchmarks/accuracy_table.py.
 # Hours on 2 CPU cores for every row; resumable (rows are cached in docs/accuracy/results.json by command).
 # Extra arguments go to the runner, e.g. `bash scripts/eval.sh --only 'w4a8-(rtn|aser-b3)$'` or `--list`.
 set -euo pipefail

@@ -176,12 +176,28 @@ def test_vllm_serves_the_family_like_the_reference(family, tolerance, family_art
     from test_vllm_engine import reference_logprobs, run_vllm
 
     model_dir = family_artifacts[family]
+    moe = family in ("qwen3_moe", "mixtral")  # their experts: one native call per layer (all experts stacked)
     results = run_vllm(dict(cpu_env, VLLM_ASER_KERNEL="cpu"), model=str(model_dir), dtype="float32",
-                       expect_log="ASER cpu kernel: native path")
+                       expect_log="ASER cpu kernel: grouped MoE path for" if moe else "ASER cpu kernel: native path")
     for result in results:
         greedy, ref = reference_logprobs(model_dir, result["prompt_ids"], result["ids"])
         assert result["ids"] == greedy
         assert max(abs(a - b) for a, b in zip(result["logprobs"], ref)) < tolerance
+
+
+@pytest.mark.vllm
+def test_moe_per_expert_calls_match_the_grouped_call(family_artifacts, cpu_env):
+    """VLLM_ASER_MOE_PER_EXPERT=1 runs each expert as its own native call (the path before grouping): the same
+    tokens, and logprobs equal up to float32 summation order (the grouped call accumulates the experts in float32)."""
+    from test_vllm_engine import run_vllm
+
+    model_dir, env = str(family_artifacts["qwen3_moe"]), dict(cpu_env, VLLM_ASER_KERNEL="cpu")
+    grouped = run_vllm(env, model=model_dir, dtype="float32", expect_log="ASER cpu kernel: grouped MoE path for")
+    per_expert = run_vllm(dict(env, VLLM_ASER_MOE_PER_EXPERT="1"), model=model_dir, dtype="float32",
+                          expect_log="per-expert MoE path for")
+    for a, b in zip(grouped, per_expert, strict=True):
+        assert a["ids"] == b["ids"]
+        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-4
 
 
 @pytest.mark.vllm

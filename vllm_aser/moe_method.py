@@ -5,8 +5,11 @@ The checkpoint holds every expert's gate, up and down projection as an ordinary 
 `w13_*` (gate and up, stacked as vLLM's w13: gate rows first) and `w2_*` parameters, one expert and shard at a
 time. After loading, each expert's w13 and w2 become two prepared linears of the selected kernel (the native
 W4A8 CPU kernel where it can run them), and `apply` runs each expert on the tokens routed to it: smoothing,
-int8 per-token activations, int4 weights and the low-rank branch, exactly as in a dense ASER layer. The loop
-is one custom op, so torch.compile sees a single opaque call.
+int8 per-token activations, int4 weights and the low-rank branch, exactly as in a dense ASER layer. Where the
+native kernel took every expert they are stacked at load and a layer's step is one native call (tokens grouped by
+expert inside it, nothing read back to Python); other kernels loop over the experts in Python. Either way it is
+one custom op, so torch.compile sees a single opaque call; the op finds its layer in vLLM's forward context, where
+`create_weights` registered it (as vLLM's own MoE and LoRA layers register themselves).
 
 Tensor parallelism shards the intermediate size (w13 rows, w2 columns) as vLLM does; expert parallelism is
 not supported.
@@ -16,11 +19,14 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from vllm.config import get_current_vllm_config
+from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 from vllm.utils.torch_utils import direct_register_custom_op
 
@@ -33,7 +39,8 @@ from vllm_aser.kernels.torch_ops import _LIB
 # the checkpoint's leaf names of each vLLM shard (Qwen-MoE / DeepSeek style, Mixtral style)
 SHARD_LEAVES = {"w1": ("gate_proj", "w1"), "w3": ("up_proj", "w3"), "w2": ("down_proj", "w2")}
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
-_LAYERS: dict[str, nn.Module] = {}  # layer name -> RoutedExperts, for the custom op
+LAYER_KEY_SUFFIX = ".aser_experts"  # our key in vLLM's static_forward_context: distinct from the MoE runner's
+PER_EXPERT_ENV_VAR = "VLLM_ASER_MOE_PER_EXPERT"  # 1: one native call per expert (the path before grouping; to compare)
 
 
 def expert_ranks(spec: fmt.ASERQuantConfig, prefix: str, num_experts: int) -> dict[str, list[int]]:
@@ -63,6 +70,7 @@ class ASERMoEMethod(FusedMoEMethodBase):
     def __init__(self, spec: fmt.ASERQuantConfig, prefix: str, moe):
         super().__init__(moe)
         self.spec, self.prefix = spec, prefix
+        self.layer_key = prefix + LAYER_KEY_SUFFIX
         self.kernel = select_kernel()
         if self.kernel.name == "cuda":
             _warn_cuda_once()
@@ -92,7 +100,11 @@ class ASERMoEMethod(FusedMoEMethodBase):
         self.ranks = ranks
         self.tp_rank, self.tp_size = parallel.tp_rank, parallel.tp_size
         self.inter, self.hidden = inter, hidden_size
-        self.activation = _ACTIVATIONS[activation]
+        self.activation, self.activation_name = _ACTIVATIONS[activation], activation
+        context = get_current_vllm_config().compilation_config.static_forward_context
+        if self.layer_key in context:
+            raise ValueError(f"Duplicate layer name: {self.layer_key}")
+        context[self.layer_key] = layer
         shared = spec.lowrank_shared
         r13 = max(max(g, u) if shared else g + u for g, u in zip(ranks["w1"], ranks["w3"]))
         r2 = max(ranks["w2"])
@@ -152,7 +164,8 @@ class ASERMoEMethod(FusedMoEMethodBase):
         return True if return_success else None
 
     def process_weights_after_loading(self, layer) -> None:
-        """Each expert's w13 and w2 become two linears prepared by the kernel (rank padding stripped)."""
+        """Each expert's w13 and w2 become two linears prepared by the kernel (rank padding stripped); on the native
+        CPU kernel they are then stacked over experts, so that a step runs the layer in one call."""
         spec, shared = self.spec, self.spec.lowrank_shared
         experts = nn.ModuleList()
         for e in range(layer.w13_weight_packed.shape[0]):
@@ -175,13 +188,26 @@ class ASERMoEMethod(FusedMoEMethodBase):
             experts.append(pair)
         for name in [n for n, _ in layer.named_parameters(recurse=False) if n.startswith(("w13_", "w2_"))]:
             delattr(layer, name)
-        layer.aser_experts = experts
         layer.aser_apply = self._run_experts
-        _LAYERS[self.prefix] = layer
+        native, why_not = None, ""
+        if os.environ.get(PER_EXPERT_ENV_VAR) == "1":
+            why_not = f"{PER_EXPERT_ENV_VAR}=1"
+        elif self.kernel.name == "cpu":
+            native, why_not = self.kernel.stack_experts(experts)
+        if native is not None:  # the stacked copy replaces the per-expert one
+            layer.aser_native_experts, layer.aser_apply = native, self._run_native
+            PATHS.record(self.kernel.name, "grouped MoE", "all experts of a layer in one native call", self.prefix)
+        else:
+            layer.aser_experts = experts
+            if why_not:
+                PATHS.record(self.kernel.name, "per-expert MoE", f"fallback: {why_not}", self.prefix)
         PATHS.finished()
 
     def get_fused_moe_quant_config(self, layer):
         return None
+
+    def _run_native(self, layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        return layer.aser_native_experts(x, topk_ids, topk_weights, self.activation_name)
 
     def _run_experts(self, layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
@@ -205,7 +231,7 @@ class ASERMoEMethod(FusedMoEMethodBase):
         return out
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
-        return torch.ops.vllm_aser.moe_experts(x, topk_weights, topk_ids, self.prefix)
+        return torch.ops.vllm_aser.moe_experts(x, topk_weights, topk_ids, self.layer_key)
 
 
 @functools.cache
@@ -218,7 +244,7 @@ def _warn_cuda_once() -> None:
 
 
 def _moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str) -> torch.Tensor:
-    layer = _LAYERS[layer_name]
+    layer = get_forward_context().no_compile_layers[layer_name]
     return layer.aser_apply(layer, x, topk_weights, topk_ids)
 
 

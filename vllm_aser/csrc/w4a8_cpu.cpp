@@ -379,6 +379,72 @@ torch::Tensor w4a8_linear(const torch::Tensor& x_in, const torch::Tensor& w, con
 
 int64_t best_isa() { return detect_isa(); }
 
+// One MoE layer's routed experts in one call (vllm_aser/moe_method.py): tokens grouped by expert with a counting
+// sort, then per expert with tokens: gather its rows, w13 (gate and up stacked, gate rows first), the gated
+// activation, w2, and the routing weight, accumulated in float32. Weights are stacked over experts ([E, ...] of
+// each w4a8_linear operand; low-rank ranks padded to the layer's largest), so the loop over experts never returns
+// to Python and nothing is read back to choose a path.
+enum MoeActivation : int64_t { kSilu = 0, kGelu = 1, kGeluTanh = 2 };
+
+static c10::optional<torch::Tensor> expert_slice(const c10::optional<torch::Tensor>& t, int64_t e) {
+  if (!t.has_value()) return c10::nullopt;
+  return t->select(0, e);
+}
+
+torch::Tensor w4a8_moe(const torch::Tensor& x_in, const torch::Tensor& topk_ids, const torch::Tensor& topk_weights,
+                       const torch::Tensor& w13, const torch::Tensor& w13_scale,
+                       const c10::optional<torch::Tensor>& w13_inv_smooth,
+                       const c10::optional<torch::Tensor>& w13_down, const c10::optional<torch::Tensor>& w13_up,
+                       const torch::Tensor& w2, const torch::Tensor& w2_scale,
+                       const c10::optional<torch::Tensor>& w2_inv_smooth,
+                       const c10::optional<torch::Tensor>& w2_down, const c10::optional<torch::Tensor>& w2_up,
+                       int64_t group13, int64_t group2, int64_t inter, int64_t act_bits, int64_t isa,
+                       int64_t activation) {
+  TORCH_CHECK(x_in.dim() == 2, "aser w4a8_moe: x must be 2-D [tokens, hidden]");
+  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == x_in.size(0) && topk_weights.sizes() == topk_ids.sizes(),
+              "aser w4a8_moe: topk_ids and topk_weights must be [tokens, k]");
+  TORCH_CHECK(w13.dim() == 4 && w2.dim() == 4 && w13.size(0) == w2.size(0),
+              "aser w4a8_moe: w13 and w2 must be stacked packed weights [experts, N/16, K/8, 64]");
+  TORCH_CHECK(activation >= kSilu && activation <= kGeluTanh, "aser w4a8_moe: unknown activation ", activation);
+  const torch::Tensor x = x_in.contiguous();
+  const int64_t T = x.size(0), H = x.size(1), k = topk_ids.size(1), E = w13.size(0);
+  const torch::Tensor ids = topk_ids.to(at::kLong).contiguous();
+  const torch::Tensor weights = topk_weights.to(at::kFloat).contiguous();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  std::vector<int64_t> start(E + 1, 0);
+  for (int64_t i = 0; i < T * k; ++i) {
+    TORCH_CHECK(id[i] >= 0 && id[i] < E, "aser w4a8_moe: expert id ", id[i], " outside 0..", E - 1);
+    ++start[id[i] + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+  auto picks = torch::empty({T * k}, ids.options());  // flat (token, slot) indices, grouped by expert
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    int64_t* pk = picks.data_ptr<int64_t>();
+    for (int64_t i = 0; i < T * k; ++i) pk[fill[id[i]]++] = i;
+  }
+  auto acc = torch::zeros({T, H}, x.options().dtype(at::kFloat));
+  const torch::Tensor flat_weights = weights.reshape({-1});
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = start[e + 1] - start[e];
+    if (!n) continue;
+    const torch::Tensor slots = picks.narrow(0, start[e], n);
+    const torch::Tensor tokens = at::floor_divide(slots, k);
+    const torch::Tensor h = w4a8_linear(x.index_select(0, tokens), w13.select(0, e), w13_scale.select(0, e),
+                                        group13, expert_slice(w13_inv_smooth, e), expert_slice(w13_down, e),
+                                        expert_slice(w13_up, e), c10::nullopt, 2 * inter, act_bits, isa, 0);
+    const torch::Tensor gate = h.narrow(1, 0, inter), up = h.narrow(1, inter, inter);
+    const torch::Tensor act = activation == kSilu ? at::silu(gate)
+                              : activation == kGelu ? at::gelu(gate) : at::gelu(gate, "tanh");
+    const torch::Tensor y = w4a8_linear(act * up, w2.select(0, e), w2_scale.select(0, e), group2,
+                                        expert_slice(w2_inv_smooth, e), expert_slice(w2_down, e),
+                                        expert_slice(w2_up, e), c10::nullopt, H, act_bits, isa, 0);
+    acc.index_add_(0, tokens, y.to(at::kFloat) * flat_weights.index_select(0, slots).unsqueeze(1));
+  }
+  return acc.to(x.scalar_type());
+}
+
+
 // The online input rotation (vllm_aser/kernels/hadamard.py): y = x blockdiag(H_b), unscaled (the layer's smoothing
 // scale carries the 1/sqrt(b)), H_b the Sylvester matrix. An in-place butterfly per block in float32, rounded once
 // to x's dtype: b log2(b) additions where a dense block would take b^2 multiply-adds.
@@ -430,12 +496,17 @@ TORCH_LIBRARY(aser_cpu, m) {
       "w4a8_linear(Tensor x, Tensor w, Tensor w_scale, int group_size, Tensor? inv_smooth, Tensor? down, "
       "Tensor? up, Tensor? bias, int n_out, int act_bits, int isa, int hadamard=0) -> Tensor");
   m.def("hadamard(Tensor x, int block) -> Tensor");
+  m.def(
+      "w4a8_moe(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w13, Tensor w13_scale, Tensor? w13_inv_smooth, "
+      "Tensor? w13_down, Tensor? w13_up, Tensor w2, Tensor w2_scale, Tensor? w2_inv_smooth, Tensor? w2_down, "
+      "Tensor? w2_up, int group13, int group2, int inter, int act_bits, int isa, int activation) -> Tensor");
 }
 
 // a CPU kernel (not a composite one), so that torch.compile can take the fake implementation registered in Python
 TORCH_LIBRARY_IMPL(aser_cpu, CPU, m) {
   m.impl("w4a8_linear", &aser_w4a8::w4a8_linear);
   m.impl("hadamard", &aser_w4a8::hadamard);
+  m.impl("w4a8_moe", &aser_w4a8::w4a8_moe);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "ASER W4A8 CPU kernel (ops in torch.ops.aser_cpu)"; }

@@ -38,6 +38,8 @@ def extension_status() -> tuple[bool, str]:
     torch.library.register_fake("aser_cpu::w4a8_linear")(_w4a8_linear_fake)
     if hasattr(torch.ops.aser_cpu, "hadamard"):
         torch.library.register_fake("aser_cpu::hadamard")(lambda x, block: torch.empty_like(x))
+    if hasattr(torch.ops.aser_cpu, "w4a8_moe"):
+        torch.library.register_fake("aser_cpu::w4a8_moe")(lambda x, *args: torch.empty_like(x))
     return True, ""
 
 
@@ -169,3 +171,64 @@ def w4a8_linear(x: torch.Tensor, packed: PackedW4A8, inv_smooth: torch.Tensor | 
         packed.down, packed.up, packed.bias, packed.out_features, act_bits, ISAS[isa],
     )
     return out.reshape(*shape[:-1], packed.out_features)
+
+
+MOE_ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}  # the kernel's enum
+
+
+def stack_packed(packs: list[PackedW4A8]) -> PackedW4A8:
+    """Experts' packed linears (same shapes) as one with a leading expert dimension, for `w4a8_moe`. Ranks differ
+    per expert: the low-rank factors are zero-padded to the largest (zero factors add nothing)."""
+    first = packs[0]
+    if any(p.weight.shape != first.weight.shape or p.group_size != first.group_size or p.bias is not None
+           for p in packs):
+        raise ValueError("stack_packed: experts must share shapes and group size and have no bias")
+    rank = max((0 if p.down is None else p.down.shape[1]) for p in packs)
+    down = up = None
+    if rank:
+        k, dtype = next((p.down.shape[0], p.down.dtype) for p in packs if p.down is not None)
+        down = torch.zeros(len(packs), k, rank, dtype=dtype)
+        up = torch.zeros(len(packs), first.weight.shape[0], rank, BLOCK_N, dtype=dtype)
+        for e, p in enumerate(packs):
+            if p.down is not None:
+                down[e, :, :p.down.shape[1]] = p.down
+                up[e, :, :p.up.shape[1]] = p.up
+    return PackedW4A8(weight=torch.stack([p.weight for p in packs]), scale=torch.stack([p.scale for p in packs]),
+                      group_size=first.group_size, down=down, up=up, bias=None, out_features=first.out_features)
+
+
+def w4a8_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: PackedW4A8,
+             w13_inv_smooth: torch.Tensor | None, w2: PackedW4A8, w2_inv_smooth: torch.Tensor | None,
+             act_bits: int, activation: str, isa: str | None = None) -> torch.Tensor:
+    """A MoE layer's routed experts: sum_k weight_k * w2_e(act(gate_e(x)) * up_e(x)), e = topk_ids[:, k], each
+    linear a W4A8 one as `w4a8_linear` (stacked by `stack_packed`; inv_smooth [E, K] or None)."""
+    isa = isa or cpu_isa()[0]
+    return torch.ops.aser_cpu.w4a8_moe(
+        x, topk_ids, topk_weights, w13.weight, w13.scale, w13_inv_smooth, w13.down, w13.up, w2.weight, w2.scale,
+        w2_inv_smooth, w2.down, w2.up, w13.group_size, w2.group_size, w13.out_features // 2, act_bits, ISAS[isa],
+        MOE_ACTIVATIONS[activation],
+    )
+
+
+@dataclass
+class NativeExperts:
+    """A MoE layer's experts stacked for `w4a8_moe`: one native call per layer and step."""
+
+    w13: PackedW4A8
+    w13_inv_smooth: torch.Tensor | None  # [E, K] float32
+    w2: PackedW4A8
+    w2_inv_smooth: torch.Tensor | None
+    act_bits: int
+    isa: str
+
+    def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                 activation: str) -> torch.Tensor:
+        return w4a8_moe(x, topk_ids, topk_weights, self.w13, self.w13_inv_smooth, self.w2, self.w2_inv_smooth,
+                        self.act_bits, activation, self.isa)
+
+
+def stack_inv_smooth(values: list[torch.Tensor | None], k: int) -> torch.Tensor | None:
+    """Per-expert inverse smoothing (None: identity) as [E, K], or None when every expert's is the identity."""
+    if all(v is None for v in values):
+        return None
+    return torch.stack([torch.ones(k) if v is None else v.float() for v in values]).contiguous()

@@ -114,6 +114,30 @@ class CPUKernel:
             layer.aser_act_bits,
         )
 
+    def stack_experts(self, pairs: list[nn.Module]) -> tuple[cpu_w4a8.NativeExperts | None, str]:
+        """Every expert's prepared w13 and w2 stacked for one native call per MoE layer, or None and the reason
+        (an expert the native kernel could not take: then the experts run one by one)."""
+        linears = [lin for pair in pairs for lin in (pair.w13, pair.w2)]
+        other = next((lin for lin in linears if lin.aser_cpu_path != "native"), None)
+        if other is not None:
+            return None, f"{other.aser_name} runs on the {other.aser_cpu_path} path"
+
+        def packed(lin) -> cpu_w4a8.PackedW4A8:
+            return cpu_w4a8.PackedW4A8(lin.aser_native_weight, lin.aser_native_scale, lin.aser_group,
+                                       lin.aser_native_down, lin.aser_native_up, lin.aser_native_bias,
+                                       lin.aser_out_features)
+
+        stacked = {}
+        for name in ("w13", "w2"):
+            lins = [getattr(pair, name) for pair in pairs]
+            stacked[name] = cpu_w4a8.stack_packed([packed(lin) for lin in lins])
+            stacked[name + "_inv"] = cpu_w4a8.stack_inv_smooth([lin.aser_inv_smooth for lin in lins],
+                                                               lins[0].aser_in_features)
+        first = pairs[0].w13
+        isa = {v: k for k, v in cpu_w4a8.ISAS.items()}[first.aser_isa]
+        return cpu_w4a8.NativeExperts(stacked["w13"], stacked["w13_inv"], stacked["w2"], stacked["w2_inv"],
+                                      first.aser_act_bits, isa), ""
+
 
 @functools.cache
 def int8_weight_max() -> int:

@@ -46,7 +46,7 @@ def quantize_per_token(x: torch.Tensor, act_bits: int) -> tuple[torch.Tensor, to
 
 # Rows up to which the low-rank branch runs in float32 on CPU; above it, in the activation dtype. On AMX CPUs a
 # float32 rank-16 branch is 2-4x faster than a bf16 one for a few rows (bf16 GEMMs have a ~40 us floor there) and
-# 2-5x slower from 64 rows on (benchmarks/profile_cpu_linear.py).
+# 2-5x slower from 64 rows on (benchmarks/experiments/profile_cpu_linear.py).
 CPU_FLOAT32_LOWRANK_MAX_ROWS = 32
 
 

@@ -4,7 +4,7 @@ Starts the server, sends each task's prompt (temperature 0), takes the first ```
 in a fresh interpreter with the task's asserts, and prints the reply and whether the code passed. Exit status 1 if
 any task failed.
 
-    python benchmarks/serve_code_check.py MODEL_DIR [--port 8011] [--max-tokens 400]
+    python benchmarks/experiments/serve_code_check.py MODEL_DIR [--port 8011] [--max-tokens 400]
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ online input rotation (blocks of 512), same weights, same inputs, bf16 activatio
 
 Prints, per shape and M, the best of 7 alternated trials of each and their ratio (the rotation's overhead).
 
-    python benchmarks/rotation_overhead.py [--shapes smollm2 llama3-8b] [--ms 1 16 1024] [--threads 1] [--isa avx2]
+    python benchmarks/experiments/rotation_overhead.py [--shapes smollm2 llama3-8b] [--ms 1 16 1024] [--threads 1] [--isa avx2]
 """
 
 from __future__ import annotations

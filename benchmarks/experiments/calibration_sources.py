@@ -8,7 +8,7 @@ Sources:
   self       text sampled from the model itself (first token uniform over the vocabulary, then top-p 0.95 at
              temperature 1), as data-free quantization methods do: no text needed at all.
 
-    python benchmarks/calibration_sources.py [--sources wiki-tail self] [--samples 80] [--length 560]
+    python benchmarks/experiments/calibration_sources.py [--sources wiki-tail self] [--samples 80] [--length 560]
                                              [--options="--mlp-hadamard 512"]
 Writes docs/accuracy/calibration_sources.json (one record per source and extra options).
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from accuracy_table import evaluate  # noqa: E402
 

@@ -8,7 +8,7 @@ low-rank branch (x down^T, then out += t up^T: float32 up to CPU_FLOAT32_LOWRANK
 `aser op` is the whole custom op as vLLM calls it; `oneDNN op` the same with VLLM_ASER_CPU_NO_AMX=1.
 Shapes: SmolLM2-135M's fused linears and a ~1B Llama's; bf16 activations; median of repeated calls.
 
-    python benchmarks/profile_cpu_linear.py [--rank 16] [--ms 1 16 64 256 1024]
+    python benchmarks/experiments/profile_cpu_linear.py [--rank 16] [--ms 1 16 64 256 1024]
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ At equal extra parameters, a joint SVD of the stacked whitened error [E_q; E_k; 
 down-projection, so it can afford a higher rank; separate SVDs fit each projection's own error. This prints the
 summed relative output error of both on real SmolLM2-135M calibration statistics (first blocks, ER, W4 per-channel).
 
-    python benchmarks/joint_vs_separate_svd.py [--blocks 4] [--rank 16]
+    python benchmarks/experiments/joint_vs_separate_svd.py [--blocks 4] [--rank 16]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # scripts, not a package
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))  # scripts, not a package
 
 from prepare_assets import main as prepare  # noqa: E402
 from vllm_aser_offline.calibrate.calibration import read_texts, token_windows  # noqa: E402

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from random_llama import save_random_model  # benchmarks/ is on sys.path
+from harness.random_llama import save_random_model  # benchmarks/ is on sys.path
 
 CONFIG = dict(hidden_size=1024, intermediate_size=3072, moe_intermediate_size=384, num_experts=32,
               num_experts_per_tok=8, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,

@@ -4,7 +4,7 @@ to 16, float32 smoothing vector) against an in-tree W8A8 checkpoint as vLLM hold
 per-channel scale; its oneDNN handle repacks the same bytes). Embeddings, norms and lm_head are the same in both
 and left out.
 
-    python benchmarks/linear_memory.py ASER_DIR W8A8_DIR
+    python benchmarks/experiments/linear_memory.py ASER_DIR W8A8_DIR
 """
 
 from __future__ import annotations
