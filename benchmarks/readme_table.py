@@ -72,6 +72,10 @@ def accuracy_table(results: dict) -> list[str]:
                 cells.append(f"**{value}**" if name == "aser" and "ppl" in score else value)
             lines.append(f"| {entry['model']} ({entry['calib'].split(' ')[0]}) | {short_machine(entry['machine'])}, "
                          f"{entry['date']} | {text} | " + " | ".join(cells) + " |")
+    other_groups = sorted({f"{entry['model']}: group {row['group']}" for entry in results.values()
+                           for name, row in entry["rows"].items() if "g128" in name and row.get("group", 128) != 128})
+    if other_groups:  # llm-compressor's group 128 does not divide every model's input sizes
+        lines += ["", "g128 where 128 divides the layers' input sizes, else " + "; ".join(other_groups) + "."]
     return lines
 
 

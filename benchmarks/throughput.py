@@ -29,7 +29,8 @@ OUT_DIR = ROOT / "docs" / "throughput"
 # one request at a time (M = 1 per linear at decode: the weights' bytes decide, as for a single user)
 WORKLOADS = [(128, 128, 64), (1024, 16, 32)]
 SINGLE_STREAM = (128, 128, 4, 1)
-WORKLOAD_SETS = {"batch": WORKLOADS, "single": [SINGLE_STREAM], "all": [*WORKLOADS, SINGLE_STREAM]}
+WORKLOAD_SETS = {"batch": WORKLOADS, "single": [SINGLE_STREAM], "decode": [WORKLOADS[0], SINGLE_STREAM],
+                 "all": [*WORKLOADS, SINGLE_STREAM]}
 # Speed does not depend on calibration quality: the baselines are plain RTN on a short calibration run.
 FAST_RTN = ["--method", "rtn", "--base", "rtn", "--clip", "minmax", "--num-samples", "8"]
 METHODS = {  # name -> aser-quantize options (None: the unquantized model itself)
@@ -196,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(OUT_DIR),
                    help="where results.json, THROUGHPUT.md and the plot go (rows are merged into results.json)")
     p.add_argument("--workloads", choices=list(WORKLOAD_SETS), default="batch",
-                   help="batch: 128/128 x 64 and 1024/16 x 32; single: 128/128 x 4 one request at a time; all")
+                   help="batch: 128/128 x 64 and 1024/16 x 32; single: 128/128 x 4 one request at a time; decode: "
+                        "128/128 x 64 and single; all")
     args = p.parse_args(argv)
     methods = args.only.split(",") if args.only else [m for m in METHODS if m not in ABLATIONS]
     if unknown := [m for m in methods if m not in METHODS]:

@@ -108,6 +108,18 @@ def score(model_dir: Path, texts: dict[str, tuple[str, list[str]]], windows: int
     return scores
 
 
+def worker_result(log: Path) -> dict:
+    """The last RESULT line the llm-compressor worker printed into the log."""
+    lines = [line for line in log.read_text().splitlines() if line.startswith("RESULT ")]
+    return json.loads(lines[-1].removeprefix("RESULT ")) if lines else {}
+
+
+def label(name: str, row: dict) -> str:
+    text = LABELS.get(name, name)
+    group = row.get("group")
+    return text.replace("group 128", f"group {group}") if group and "g128" in name else text
+
+
 def machines_line(rows: dict, default: str) -> str:
     """The CPUs the rows ran on: quantize times are only comparable between rows of one CPU."""
     machines = sorted({row.get("machine", default) for row in rows.values()})
@@ -146,8 +158,8 @@ def render(results: dict) -> str:
                 cells += [f"{s['ppl']:.3f}", gap]
             time_cell = f"{row['quantize_seconds'] / 60:.1f} min" if "quantize_seconds" in row else ""
             rss_cell = f"{row['peak_rss_mib'] / 1024:.1f} GiB" if "peak_rss_mib" in row else ""
-            label = LABELS.get(name, name) + ("" if len(machines) < 2 else f" ({machine_tag(row['machine'])})")
-            lines.append(f"| {label} | " + " | ".join(cells) + f" | {time_cell} | {rss_cell} |")
+            text = label(name, row) + ("" if len(machines) < 2 else f" ({machine_tag(row['machine'])})")
+            lines.append(f"| {text} | " + " | ".join(cells) + f" | {time_cell} | {rss_cell} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -210,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             job.write_text(json.dumps({"model": str(model), "windows": str(windows_file),
                                        "scheme": name.removeprefix("llmc-"), "out": str(artifact)}))
             env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "VIRTUAL_ENV")}
-            record |= timed([str(python), str(ROOT / "benchmarks" / "llmcompressor_worker.py"), str(job)], log, env)
+            record |= timed([str(python), str(ROOT / "benchmarks" / "harness" / "llmcompressor_worker.py"), str(job)],
+                            log, env)
+            record["group"] = worker_result(log)["group"]  # 64 where 128 does not divide the input sizes
         record["scores"] = score(artifact, texts, args.windows, cache, log)
         print(f"{name}: {json.dumps(record)}", flush=True)
         entry["rows"][name] = record
