@@ -57,7 +57,9 @@ def reference_logprobs(model_dir: Path, prompt_ids: list[int], ids: list[int]) -
 # Llama with separate ones, and Qwen2 with biases and group-32 scales, 4.8e-7 (tolerance 1e-4, left wider than
 # 2x for other CPUs' float orders; the int8 fallback measured 3.0e-2 on an AVX2-only EPYC). The Qwen2 artifact
 # also runs with the reference kernel inside vLLM, which isolates loading. The rotated Qwen2 (tied embeddings
-# untied by the rotation; measured 8.8e-5 when it was also fitted to the full-precision model, an option since removed) (tolerance 2e-4). The Llama with
+# untied by the rotation): 1.0e-3 on an AMD EPYC with AVX-512 VNNI, one int8 rounding moved (tolerance 2e-3, the
+# shared-down-projection Llama's; 8.8e-5 when it was also fitted to the full-precision model, an option since
+# removed). The Llama with
 # down_proj's input rotated online (the butterfly inside the native kernel, against the reference's float32 matmul)
 # keeps the shared-down-projection Llama's tolerance. With the head quantized too (`--quantize-head`), every logit
 # passes through one more int8 rounding of the final hidden state: 2.4e-3 measured on an Intel Xeon with AMX
@@ -69,7 +71,7 @@ def reference_logprobs(model_dir: Path, prompt_ids: list[int], ids: list[int]) -
         ("llama_aser_fp32_separate", "cpu", True, 1e-4),
         ("qwen2_aser_fp32", "reference", True, 2e-4),
         ("qwen2_aser_fp32", "cpu", True, 1e-4),
-        ("qwen2_aser_rotated", "cpu", True, 2e-4),
+        ("qwen2_aser_rotated", "cpu", True, 2e-3),
         ("llama_aser_mlp_rotated", "cpu", True, 2e-3),
         ("qwen2_aser_head", "cpu", True, 5e-3),
     ],
